@@ -1,0 +1,105 @@
+"""Retention targeting: find the knob value whose mean achieved rho_tok hits a target.
+
+For a visual-stage method whose retention follows from a knob (Scissor's tau), bisect that knob on a
+fixed calibration subset of the task (the first `task.calibration_size` documents) until the mean
+token retention is within `TOLERANCE` of the target. Only the vision side runs: the LLM does not
+influence how many tokens a visual-stage compressor keeps. Results are cached per
+(model, task, frames, method, fixed knobs, target) under cache_dir/calibration/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+import methods
+from harness.errors import ConfigError
+from harness.rundir import write_json
+from harness.video import VideoError, preprocess, read_frames
+
+TOLERANCE = 0.01  # +-1 percentage point of token retention
+log = logging.getLogger(__name__)
+
+
+def calibration_features(adapter, tasks: dict, size: int, frames: int):
+    """Pooled features of the first `size` videos of the task (videos that fail are skipped)."""
+    features = []
+    for task in tasks.values():
+        for doc in task.eval_docs:
+            if len(features) == size:
+                return features
+            visuals = task.doc_to_visual(doc)
+            try:
+                pixels = preprocess(read_frames(visuals[0], frames), adapter.preprocessing.size,
+                                    adapter.preprocessing.mean, adapter.preprocessing.std)
+            except VideoError as err:
+                log.warning("calibration skips a video: %s", err)
+                continue
+            features.append(adapter.encode(pixels)[0])
+    if not features:
+        raise ConfigError("retention targeting found no readable video in the task to calibrate on")
+    return features
+
+
+def mean_retention(name: str, knobs: dict, features, seed: int) -> float:
+    compressor = methods.build(name, **knobs)
+    compressor.seed = seed
+    with torch.inference_mode():
+        kept = [compressor.compress(x).shape[0] / (x.features.shape[0] * x.features.shape[1])
+                for x in features]
+    return sum(kept) / len(kept)
+
+
+def bisect_knob(measure, low: float, high: float, target: float, steps: int = 40):
+    """Bisection for a knob whose retention grows with its value; returns (value, achieved, trace)."""
+    trace = []
+    r_low, r_high = measure(low), measure(high)
+    trace += [(low, r_low), (high, r_high)]
+    if not r_low - TOLERANCE <= target <= r_high + TOLERANCE:
+        raise ConfigError(f"retention={target}: unreachable on this task; the method reaches "
+                          f"{100 * r_low:.2f}%-{100 * r_high:.2f}% over its knob range [{low}, {high}]")
+    best = min(trace, key=lambda t: abs(t[1] - target))
+    for _ in range(steps):
+        if abs(best[1] - target) <= TOLERANCE:
+            break
+        mid = (low + high) / 2
+        r_mid = measure(mid)
+        trace.append((mid, r_mid))
+        best = min(best, (mid, r_mid), key=lambda t: abs(t[1] - target))
+        low, high = (mid, high) if r_mid < target else (low, mid)
+    if abs(best[1] - target) > TOLERANCE:
+        raise ConfigError(f"retention={target}: the closest achievable mean retention is "
+                          f"{100 * best[1]:.2f}% (knob={best[0]:.6f}); retention jumps past the "
+                          f"+-{100 * TOLERANCE:.0f} point window on this task")
+    return best[0], best[1], trace
+
+
+def calibrate(cfg, choice, adapter, tasks: dict, cache_dir: Path) -> dict:
+    cls = methods.REGISTRY[choice.name]
+    knob = cls.retention_via
+    low, high = cls.retention_range
+    fixed = {k: v for k, v in choice.knobs.items() if k != knob}
+    key = {"model": cfg.model.path, "task": cfg.task.lmms_task, "frames": cfg.model.frames,
+           "size": cfg.task.calibration_size, "method": choice.name, "fixed": fixed,
+           "target": choice.target_retention, "seed": cfg.seed}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = cache_dir / "calibration" / f"{choice.name}-{digest}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        log.info("calibration cache hit %s: %s", path, cached["knobs"])
+        return cached
+    features = calibration_features(adapter, tasks, cfg.task.calibration_size, cfg.model.frames)
+    value, achieved, trace = bisect_knob(
+        lambda v: mean_retention(choice.name, {**fixed, knob: v}, features, cfg.seed),
+        low, high, choice.target_retention)
+    result = {"knobs": {knob: value}, "achieved_on_calibration": achieved, "key": key,
+              "samples": len(features), "trace": trace}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    print(f"calibrated {choice.name} {knob}={value:.6f} for retention {choice.target_retention:g} "
+          f"(achieved {100 * achieved:.2f}% on {len(features)} calibration videos; cached in {path})")
+    return result

@@ -1,0 +1,90 @@
+"""Typed schema of the Hydra config: a misspelt key or a wrong type fails before any model loads.
+
+The YAML files under conf/ hold every default; these dataclasses only fix names and types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class ModelConf:
+    name: str = MISSING  # short name used in run ids and tables
+    path: str = MISSING  # local Hugging Face model directory, or a hub id
+    smoke: bool = False  # a randomly initialised model: results are not meaningful
+    build_tiny: bool = False  # build the embedded smoke model at `path` when it is absent
+    frames: int = 8  # frames sampled uniformly per video
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "sdpa"
+    max_new_tokens: int = 16
+
+
+@dataclass
+class TaskConf:
+    name: str = MISSING  # short name used in run ids and tables
+    lmms_task: str = MISSING  # lmms_eval task name
+    label: str = MISSING  # column header in result tables
+    metric: str = MISSING  # lmms_eval metric reported as the score
+    scale: float = 1.0  # the metric's native maximum (1 or 100); scores are shown on 0-100
+    include_path: Optional[str] = None  # directory of local lmms_eval task YAMLs
+    overrides: Dict[str, Any] = field(default_factory=dict)  # task-config fields to override
+    generator: Optional[str] = None  # "module:function" that writes the task's data if missing
+    data_dir: Optional[str] = None  # where the generator writes
+    limit: Optional[int] = None  # evaluate only the first N samples
+    live_score: bool = True  # score each sample as it completes (off for API-judged tasks)
+    required_env: List[str] = field(default_factory=list)  # e.g. an API key for a judge
+    smoke: bool = False
+    calibration_size: int = 8  # samples used to calibrate tau to a target retention
+
+
+@dataclass
+class LoggerConf:
+    name: str = "none"  # none | wandb
+    project: str = "vtc-harness"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None
+    dir: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConf = field(default_factory=ModelConf)
+    task: TaskConf = field(default_factory=TaskConf)
+    method: Dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    tau: Optional[float] = None  # Scissor's similarity threshold (top-level shortcut)
+    retention: Optional[float] = None  # target token retention (top-level shortcut)
+    seed: int = 0
+    results_dir: str = "results"
+    cache_dir: str = ".cache"
+    run_id: Optional[str] = None  # default: derived from the config, so a re-run resumes
+    resume: bool = True
+    progress: bool = True
+
+
+def _first_set(*values):
+    """`${first:${tau},0.9}`: the first value that is not null."""
+    return next((v for v in values if v is not None), None)
+
+
+def register_configs() -> None:
+    if not OmegaConf.has_resolver("first"):
+        OmegaConf.register_new_resolver("first", _first_set)
+    if not OmegaConf.has_resolver("abspath"):
+        OmegaConf.register_new_resolver("abspath", lambda p: str(Path(p).expanduser().resolve()))
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelConf)
+    cs.store(group="task", name="task_schema", node=TaskConf)
+    cs.store(group="logger", name="logger_schema", node=LoggerConf)
+
+
+register_configs()

@@ -1,0 +1,5 @@
+"""Errors the harness reports as one clear line (what was given, what was expected, where)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any model is loaded."""

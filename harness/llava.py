@@ -1,0 +1,234 @@
+"""LLaVA-OneVision adapter: vision tower -> projector -> 2x2 pooling -> compressor -> Qwen2 LLM.
+
+The same code serves the embedded smoke model and the real 0.5B/7B checkpoints. It reproduces the
+stock `transformers` video path (for method `none` the logits equal the stock model's), except that
+the pooled features go through the configured compressor before they are placed in the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness.timing import Stopwatch
+from methods.base import Compressor, VisualInput
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_path(path: str) -> None:
+    """A model path is a local directory with config.json, or a hub id ("org/name")."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"model.path={path}: {local.resolve()} has no config.json "
+                                 f"(expected a Hugging Face model directory)")
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelLoadError(f"model.path={path}: no such directory ({local.resolve()}); "
+                             f"expected a local model directory or a hub id like org/name")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ModelLoadError(f"model.path={path}: not a local directory and not in the Hugging "
+                                 f"Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
+                                 f"and HF_HUB_OFFLINE=1 forbids downloading it")
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class Preprocessing:
+    size: int
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def from_model_dir(cls, directory: Path, default_size: int) -> "Preprocessing":
+        cfg = (_read_json(directory / "video_preprocessor_config.json")
+               or _read_json(directory / "preprocessor_config.json") or {})
+        size = cfg.get("size", {})
+        size = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+        return cls(size=int(size or default_size), mean=list(cfg.get("image_mean", [0.5] * 3)),
+                   std=list(cfg.get("image_std", [0.5] * 3)))
+
+
+@dataclass
+class VideoPass:
+    """Everything measured while answering one prompt about one video."""
+
+    video_tokens_in: int = 0  # F*N tokens produced by the vision side
+    video_tokens_out: int = 0  # tokens the LLM's first pruned layer sees
+    text_tokens: int = 0  # prompt tokens that are not video tokens (newline included)
+    layer_video_tokens: list[int] = field(default_factory=list)  # video tokens per LLM layer
+    timings: dict = field(default_factory=dict)  # seconds: vision, compressor, prefill, decode
+
+
+class LlavaOneVision:
+    def __init__(self, path: str, *, dtype: str = "float32", device: str = "auto",
+                 attn_implementation: str = "sdpa"):
+        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+        check_model_path(path)
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"model.dtype={dtype}: expected one of {', '.join(DTYPES)}")
+        self.device = resolve_device(device)
+        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            path, dtype=DTYPES[dtype], attn_implementation=attn_implementation).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        directory = Path(path).expanduser()
+        if not directory.is_dir():  # a hub id: read the small files from the local cache
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(path, allow_patterns=["*.json", "*.jinja"]))
+        self.config = self.model.config
+        vision = self.config.vision_config
+        self.patch_grid = vision.image_size // vision.patch_size  # 27 for SigLIP 384/14
+        self.grid = (math.ceil(self.patch_grid / 2),) * 2  # OneVision's 2x2 bilinear pooling
+        self.tokens_per_frame = self.grid[0] * self.grid[1]
+        self.preprocessing = Preprocessing.from_model_dir(directory, vision.image_size)
+        self.chat_template = self._chat_template(directory)
+        self.video_token_id = self.config.video_token_id
+        self.stop_ids = {i for i in (self.tokenizer.eos_token_id, self.config.text_config.eos_token_id)
+                         if i is not None}
+        self.stopwatch = Stopwatch(self.device)
+
+    # ---- prompt -------------------------------------------------------------------------------
+    def _chat_template(self, directory: Path) -> str:
+        processor = _read_json(directory / "chat_template.json")
+        if processor and processor.get("chat_template"):
+            return processor["chat_template"]
+        if (directory / "chat_template.jinja").is_file():
+            return (directory / "chat_template.jinja").read_text()
+        if self.tokenizer.chat_template:
+            return self.tokenizer.chat_template
+        raise ModelLoadError(f"{directory}: no chat template (chat_template.json/.jinja or tokenizer)")
+
+    def prompt_ids(self, question: str, answer: str | None = None) -> tuple[list[int], int]:
+        """Token ids of the chat prompt holding one video placeholder, and the answer's length."""
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        prompt = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        if ids.count(self.video_token_id) != 1:
+            raise ValueError(f"the prompt must hold exactly one video token, found "
+                             f"{ids.count(self.video_token_id)} in {prompt!r}")
+        if answer is None:
+            return ids, 0
+        answer_ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+        return ids + answer_ids, len(answer_ids)
+
+    # ---- vision -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor, want_patch_scores: bool = False):
+        """(F, 3, S, S) -> VisualInput with (F, N, D) pooled features, and the newline token."""
+        pixel_values = pixel_values.to(self.device, self.model.dtype)
+        out = self.model.model.get_video_features(
+            pixel_values_videos=pixel_values[None],
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+        )
+        pooled = out.pooler_output[0]  # (F*N + 1, D): the newline comes last
+        frames = pixel_values.shape[0]
+        features = pooled[:-1].reshape(frames, self.tokens_per_frame, -1)
+        return VisualInput(features=features, grid=self.grid), pooled[-1:]
+
+    # ---- language model -----------------------------------------------------------------------
+    def embed(self, ids: list[int], video_tokens: torch.Tensor, newline: torch.Tensor):
+        """Prompt embeddings with the video placeholder replaced by the video tokens + newline."""
+        where = ids.index(self.video_token_id)
+        ids_t = torch.tensor(ids, device=self.device)
+        text = self.model.get_input_embeddings()(ids_t)
+        video = torch.cat([video_tokens, newline]).to(text.dtype)
+        embeds = torch.cat([text[:where], video, text[where + 1:]])[None]
+        return embeds, (where, where + video_tokens.shape[0])
+
+    @torch.inference_mode()
+    def prepare(self, pixel_values: torch.Tensor, compressor: Compressor, ids: list[int]):
+        """Vision encoder + compressor; returns the LLM's input embeddings and the measurements."""
+        run = VideoPass()
+        with self.stopwatch("vision", run.timings):
+            visual, newline = self.encode(pixel_values, want_patch_scores=compressor.needs_patch_scores)
+        run.video_tokens_in = visual.features.shape[0] * visual.features.shape[1]
+        if compressor.stage == "visual":
+            with self.stopwatch("compressor", run.timings):
+                tokens = compressor.compress(visual)
+        else:
+            tokens = visual.features.flatten(0, 1)
+        run.video_tokens_out = tokens.shape[0]
+        run.text_tokens = len(ids)  # the placeholder becomes the newline token
+        run.layer_video_tokens = [tokens.shape[0]] * self.config.text_config.num_hidden_layers
+        embeds, span = self.embed(ids, tokens, newline)
+        return embeds, span, run
+
+    def forward(self, embeds: torch.Tensor, span, compressor: Compressor, run: VideoPass, **kwargs):
+        """The LLM prefill; LLM-stage compressors take it over."""
+        if compressor.stage == "llm":
+            return compressor.prefill(self, embeds, span, run, **kwargs)
+        return self.model(inputs_embeds=embeds, use_cache=kwargs.pop("use_cache", True), **kwargs)
+
+    @torch.inference_mode()
+    def generate(self, pixel_values, question: str, compressor: Compressor, max_new_tokens: int,
+                 until: list[str] = ()):
+        """Greedy answer to `question` about the video; returns (text, VideoPass)."""
+        ids, _ = self.prompt_ids(question)
+        embeds, span, run = self.prepare(pixel_values, compressor, ids)
+        with self.stopwatch("prefill", run.timings):
+            out = self.forward(embeds, span, compressor, run, use_cache=True, logits_to_keep=1)
+            next_id = out.logits[0, -1].argmax()
+        generated = []
+        with self.stopwatch("decode", run.timings):
+            cache = out.past_key_values
+            for _ in range(max_new_tokens):
+                token = int(next_id)
+                if token in self.stop_ids:
+                    break
+                generated.append(token)
+                if len(generated) == max_new_tokens or _stops(self.tokenizer.decode(generated), until):
+                    break
+                out = self.model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                next_id = out.logits[0, -1].argmax()
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        for stop in until:
+            if stop and stop in text:
+                text = text.split(stop)[0]
+        return text, run
+
+    @torch.inference_mode()
+    def loglikelihood(self, pixel_values, question: str, answer: str, compressor: Compressor):
+        """(sum log p(answer | prompt), whether greedy decoding gives the answer, VideoPass)."""
+        ids, n_answer = self.prompt_ids(question, answer)
+        embeds, span, run = self.prepare(pixel_values, compressor, ids)
+        with self.stopwatch("prefill", run.timings):
+            logits = self.forward(embeds, span, compressor, run, use_cache=False).logits[0].float()
+        targets = torch.tensor(ids[-n_answer:], device=logits.device)
+        rows = logits[-n_answer - 1:-1].log_softmax(-1)
+        logprob = rows.gather(1, targets[:, None]).sum().item()
+        greedy = bool((rows.argmax(-1) == targets).all())
+        run.timings.setdefault("decode", 0.0)
+        return logprob, greedy, run
+
+
+def _stops(text: str, until) -> bool:
+    return any(stop and stop in text for stop in until)

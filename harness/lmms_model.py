@@ -1,0 +1,153 @@
+"""The harness model as an lmms_eval model: LLaVA-OneVision + one compressor.
+
+It answers lmms_eval's requests one sample at a time, writes each sample's record (prediction,
+target, score, retention, timings) the moment it completes, and serves samples already on disk
+from there, which is what makes a re-run resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from harness.llava import LlavaOneVision, VideoPass
+from harness.retention import retention_numbers
+from harness.rundir import RunDir, sample_key
+from harness.video import VideoError, preprocess, read_frames
+from methods.base import Compressor
+
+
+class SampleError(RuntimeError):
+    """A sample that cannot be run (bad document or media); recorded as failed, the run goes on."""
+
+
+def score_one(task, doc, response) -> dict:
+    """lmms_eval's own scoring of one response: the task's first filter chain, then process_results."""
+    inst = Instance(request_type="generate_until", arguments=(), idx=0,
+                    metadata={"task": task.config.task, "doc_id": 0, "repeats": 1})
+    inst.resps = [response]
+    inst.doc = doc
+    ensemble = task._filters[0]
+    ensemble.apply([inst], [doc])
+    return task.process_results(doc, [inst.filtered_resps[ensemble.name]])
+
+
+class VTCModel(lmms):
+    is_simple = True
+
+    def __init__(self, adapter: LlavaOneVision, compressor: Compressor, run_dir: RunDir, *,
+                 frames: int, max_new_tokens: int, tasks: dict, metric: str, live_score: bool = True,
+                 progress: bool = True):
+        super().__init__()
+        self.adapter, self.compressor, self.run_dir = adapter, compressor, run_dir
+        self.frames, self.max_new_tokens = frames, max_new_tokens
+        self.tasks, self.metric, self.live_score, self.progress = tasks, metric, live_score, progress
+        self.done = run_dir.completed()
+        self._video_cache: tuple[str, torch.Tensor] | None = None
+        self.batch_size_per_gpu = 1
+
+    # ---- media ----------------------------------------------------------------------------------
+    def _pixels(self, visuals) -> torch.Tensor:
+        visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+        if len(visuals) != 1 or not isinstance(visuals[0], str):
+            raise SampleError(f"expected exactly one video path from doc_to_visual, got "
+                              f"{[type(v).__name__ for v in visuals]}")
+        path = visuals[0]
+        if self._video_cache is None or self._video_cache[0] != path:
+            frames = read_frames(path, self.frames)
+            p = self.adapter.preprocessing
+            self._video_cache = (path, preprocess(frames, p.size, p.mean, p.std))
+        return self._video_cache[1]
+
+    def _measurements(self, run: VideoPass) -> dict:
+        text_cfg = self.adapter.config.text_config
+        return {
+            "frames": run.video_tokens_in // self.adapter.tokens_per_frame,
+            "tokens": {"video_in": run.video_tokens_in, "video_out": run.video_tokens_out,
+                       "text": run.text_tokens},
+            "retention": retention_numbers(run.video_tokens_in, run.text_tokens, run.layer_video_tokens,
+                                           text_cfg.hidden_size, text_cfg.intermediate_size),
+            "timings": run.timings,
+            "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20
+                               if self.adapter.device.type == "cuda" else None),
+        }
+
+    # ---- the request loop -----------------------------------------------------------------------
+    def _run(self, requests, request_type: str, answer_one):
+        results, scores, retentions = [], [], []
+        bar = tqdm(requests, desc=f"{request_type} ({self.compressor.name})", disable=not self.progress)
+        for req in bar:
+            context, arg1, doc_to_visual, doc_id, task_name, split = req.args
+            key = sample_key(task_name, doc_id, request_type, req.idx)
+            record = self.done.get(key)
+            if record is None:
+                record = self._answer(req, key, answer_one)
+            results.append(record["result"])
+            if record.get("score") is not None:
+                scores.append(record["score"])
+            if record.get("retention"):
+                retentions.append(record["retention"]["rho_tok"])
+            bar.set_postfix(acc=f"{100 * sum(scores) / len(scores):.1f}" if scores else "-",
+                            ret=f"{100 * sum(retentions) / len(retentions):.1f}%" if retentions else "-")
+        return [tuple(r) if isinstance(r, list) else r for r in results]
+
+    def _answer(self, req, key, answer_one) -> dict:
+        context, arg1, doc_to_visual, doc_id, task_name, split = req.args
+        doc = self.task_dict[task_name][split][doc_id]
+        record = {"key": key, "task": task_name, "doc_id": doc_id, "request": req.request_type}
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            try:
+                visuals = doc_to_visual(doc)
+            except Exception as err:  # a task function failing on this document's fields
+                raise SampleError(f"doc_to_visual failed: {type(err).__name__}: {err}") from err
+            result, run, prediction = answer_one(self._pixels(visuals), context, arg1, doc)
+            record.update(status="ok", result=result, prediction=prediction, **self._measurements(run))
+        except (VideoError, SampleError, torch.OutOfMemoryError) as err:
+            record.update(status="failed", reason=f"{type(err).__name__}: {err}",
+                          result=self._failed_result(req), prediction=None)
+        task = self.tasks.get(task_name)
+        if task is not None:
+            record["target"] = task.doc_to_target(doc)
+            if self.live_score and req.request_type == "generate_until":
+                metrics = score_one(task, doc, record["result"])
+                record["metrics"] = metrics
+                value = metrics.get(self.metric)
+                record["score"] = float(value) if isinstance(value, (int, float)) else None
+        self.run_dir.append(record)
+        self.done[key] = record
+        return record
+
+    @staticmethod
+    def _failed_result(req):
+        # lmms_eval still scores the sample: an empty answer (or -inf log-likelihood) counts as wrong.
+        return "" if req.request_type == "generate_until" else [-math.inf, False]
+
+    def generate_until(self, requests) -> list[str]:
+        def answer(pixels, context, gen_kwargs, doc):
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+            text, run = self.adapter.generate(pixels, context, self.compressor, max_new, until)
+            return text, run, text
+
+        return self._run(requests, "generate_until", answer)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        def answer(pixels, context, doc_to_target, doc):
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            logprob, greedy, run = self.adapter.loglikelihood(pixels, context, continuation,
+                                                              self.compressor)
+            return [logprob, greedy], run, continuation
+
+        return self._run(requests, "loglikelihood", answer)
+
+    def generate_until_multi_round(self, requests):
+        raise TypeError("vtc-harness evaluates single-round tasks; multi-round generation is "
+                        "not supported by its LLaVA-OneVision adapter")

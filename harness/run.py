@@ -1,0 +1,217 @@
+"""One harness run: validate the config, load model and task, evaluate through lmms_eval, record.
+
+`run(cfg)` is what `python -m harness ...` calls for every job of a (multi)run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+import methods
+from harness.errors import ConfigError
+from harness.rundir import RunDir
+from harness.summary import summarize, summary_line
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class MethodChoice:
+    name: str
+    knobs: dict  # the knobs the compressor is built with
+    target_retention: float | None  # a retention to reach by calibration (Scissor, FastV)
+    label: str  # e.g. "tau=0.9", "r=0.25"
+
+
+def choose_method(cfg: DictConfig) -> MethodChoice:
+    """Resolve `method.*` and the top-level `tau`/`retention` shortcuts into a compressor spec."""
+    spec = OmegaConf.to_container(cfg.method, resolve=True)
+    if "name" not in spec:
+        raise ConfigError("method.name is missing: select a method with +method=<name> "
+                          f"({', '.join(methods.known())})")
+    name = spec.pop("name")
+    if name not in methods.known():
+        raise ConfigError(f"method={name}: unknown method, expected one of {', '.join(methods.known())}")
+    cls = methods.REGISTRY[name]
+    target = None
+    if cfg.tau is not None and "tau" not in spec:
+        raise ConfigError(f"tau={cfg.tau}: method {name} has no knob tau (tau is Scissor's threshold)")
+    if cfg.retention is not None and spec.get("retention") != cfg.retention:
+        # the method does not take retention directly: it is reached by calibrating its knob
+        if getattr(cls, "retention_via", None) is None:
+            raise ConfigError(f"retention={cfg.retention}: method {name} has no retention to set")
+        if cfg.tau is not None:
+            raise ConfigError(f"give either tau={cfg.tau} or retention={cfg.retention}, not both: "
+                              "retention calibrates tau")
+        if not 0 < cfg.retention <= 1:
+            raise ConfigError(f"retention={cfg.retention}: expected a value in (0, 1]")
+        target = float(cfg.retention)
+    try:
+        methods.build(name, **spec)  # validates knob names and ranges now, before any model loads
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    if target is not None:
+        label = f"r={target:g}"
+    else:
+        label = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.items()
+                         if k in getattr(cls, "label_knobs", spec.keys()))
+    return MethodChoice(name=name, knobs=spec, target_retention=target, label=label)
+
+
+def run_id(cfg: DictConfig, choice: MethodChoice) -> str:
+    """Readable and unique per setting, so the same config always lands in (and resumes) one dir."""
+    identity = {
+        "model": {k: cfg.model[k] for k in ("path", "frames", "dtype")},
+        "task": {"lmms_task": cfg.task.lmms_task, "limit": cfg.task.limit,
+                 "overrides": OmegaConf.to_container(cfg.task.overrides, resolve=True)},
+        "method": choice.name, "knobs": choice.knobs, "target": choice.target_retention,
+        "seed": cfg.seed,
+    }
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    label = choice.label.replace("=", "").replace(",", "_") if choice.label else ""
+    return "-".join(x for x in (cfg.task.name, cfg.model.name, choice.name, label, digest) if x)
+
+
+def versions() -> dict:
+    import platform
+    import subprocess
+
+    import lmms_eval
+    import torch
+    import transformers
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    return {
+        "harness_git": git("rev-parse", "HEAD"),
+        "harness_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "lmms_eval": getattr(lmms_eval, "__version__", None) or _dist_version("lmms_eval"),
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+    }
+
+
+def _dist_version(name: str):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def check_task_requirements(cfg: DictConfig) -> None:
+    missing = [var for var in cfg.task.required_env if not os.environ.get(var)]
+    if missing:
+        raise ConfigError(f"task={cfg.task.name} needs the environment variable(s) {', '.join(missing)} "
+                          "(its scorer cannot run without them); nothing was run")
+
+
+def prepare_task_data(cfg: DictConfig) -> None:
+    if cfg.task.generator:
+        module, _, function = cfg.task.generator.partition(":")
+        getattr(importlib.import_module(module), function)(cfg.task.data_dir)
+
+
+def load_tasks(cfg: DictConfig) -> dict:
+    """lmms_eval Task objects for the configured task, with the config's overrides applied."""
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    include = cfg.task.include_path
+    include = str((REPO_ROOT / include).resolve()) if include else None
+    manager = TaskManager(verbosity="ERROR", include_path=include)
+    if cfg.task.lmms_task not in manager.all_tasks:
+        raise ConfigError(f"task.lmms_task={cfg.task.lmms_task}: lmms_eval has no such task"
+                          + (f" (also searched {include})" if include else ""))
+    spec = {"task": cfg.task.lmms_task, **OmegaConf.to_container(cfg.task.overrides, resolve=True)}
+    return dict(_leaf_tasks(get_task_dict([spec], manager)))
+
+
+def _leaf_tasks(task_dict):
+    for name, value in task_dict.items():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        elif isinstance(value, tuple):
+            if value[1] is not None:
+                yield name, value[1]
+        else:
+            yield name, value
+
+
+def run(cfg: DictConfig) -> Path:
+    """Evaluate one configuration; returns its results directory."""
+    from lmms_eval import evaluator
+
+    from harness.calibrate import calibrate
+    from harness.llava import LlavaOneVision
+    from harness.lmms_model import VTCModel
+    from harness.loggers import make_logger
+    from harness.tiny_model import build_tiny_model
+
+    choice = choose_method(cfg)
+    check_task_requirements(cfg)
+    rid = cfg.run_id or run_id(cfg, choice)
+    run_dir = RunDir(Path(cfg.results_dir) / rid)
+    if not cfg.resume and run_dir.samples_path.exists():
+        run_dir.samples_path.unlink()
+    prepare_task_data(cfg)
+    tasks = load_tasks(cfg)
+
+    if cfg.model.build_tiny:
+        build_tiny_model(cfg.model.path, seed=cfg.seed)
+    adapter = LlavaOneVision(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
+                             attn_implementation=cfg.model.attn_implementation)
+    knobs = dict(choice.knobs)
+    calibration = None
+    if choice.target_retention is not None:
+        calibration = calibrate(cfg, choice, adapter, tasks, cache_dir=Path(cfg.cache_dir))
+        knobs.update(calibration["knobs"])
+    compressor = methods.build(choice.name, **knobs)
+    compressor.seed = cfg.seed
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_dir.write("config.json", {"config": resolved, "method": {
+        "name": choice.name, "knobs": knobs, "label": choice.label,
+        "target_retention": choice.target_retention, "calibration": calibration}})
+    (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run_dir.write("versions.json", versions())
+
+    lm = VTCModel(adapter, compressor, run_dir, frames=cfg.model.frames,
+                  max_new_tokens=cfg.model.max_new_tokens, tasks=tasks, metric=cfg.task.metric,
+                  live_score=cfg.task.live_score, progress=cfg.progress)
+    results = evaluator.simple_evaluate(
+        model=lm, tasks=list(tasks.values()), limit=cfg.task.limit, batch_size=1,
+        log_samples=True, bootstrap_iters=0, verbosity="ERROR", random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    run_dir.close()
+    if results is None:  # a non-zero rank in a distributed run: rank 0 writes the results
+        return run_dir.path
+    run_dir.write("lmms_eval_results.json", {k: v for k, v in results.items() if k != "samples"})
+    summary = summarize(cfg, choice, knobs, run_dir, results)
+    run_dir.write("summary.json", summary)
+    make_logger(cfg).log_run(cfg, summary, run_dir)
+    print(summary_line(summary), flush=True)
+    return run_dir.path
+
+
+def record_job_output(run_path: Path) -> None:
+    """Leave the run's results path in Hydra's job directory, for the sweep-end table."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        out = Path(HydraConfig.get().runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_dir.txt").write_text(str(Path(run_path).resolve()) + "\n")

@@ -1,0 +1,127 @@
+"""From lmms_eval's results and the per-sample records to a run summary and its one-line form."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import ConfigError
+from harness.rundir import RunDir
+
+TIMINGS = ("vision", "compressor", "prefill", "decode")
+
+
+def to_100(value: float, scale: float, where: str) -> float:
+    """A native metric value on 0-100; a value outside [0, scale] means the scale is wrong."""
+    if not isinstance(value, (int, float)) or not 0 <= value <= scale * (1 + 1e-9):
+        raise ConfigError(f"{where}={value!r}: expected a number in [0, {scale:g}] (task.scale); "
+                          "the task's metric scale is misconfigured")
+    return 100.0 * value / scale
+
+
+def metric_value(results: dict, task: str, metric: str) -> tuple[str, float]:
+    """lmms_eval's aggregated value of `metric` for `task` (the key is 'metric,filter')."""
+    per_task = results["results"].get(task, {})
+    keys = [k for k in per_task if k.split(",")[0] == metric and "stderr" not in k]
+    if not keys:
+        available = sorted({k.split(",")[0] for k in per_task if "stderr" not in k and "," in k})
+        raise ConfigError(f"task.metric={metric}: lmms_eval reported no such metric for {task} "
+                          f"(it reported {', '.join(available) or 'nothing'})")
+    return keys[0], per_task[keys[0]]
+
+
+def bootstrap_ci(values, iters: int = 1000, seed: int = 0) -> list[float] | None:
+    """95 % percentile bootstrap interval of the mean (fixed seed)."""
+    values = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(iters, len(values)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def _stats(values) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "median": statistics.median(values),
+            "min": min(values), "max": max(values)}
+
+
+def agreement(records: list[dict], reference: list[dict]) -> float | None:
+    """Share of samples whose answer equals the reference run's answer on the same sample."""
+    ref = {r["key"]: r.get("prediction") for r in reference if r.get("status") == "ok"}
+    pairs = [(r.get("prediction"), ref[r["key"]]) for r in records
+             if r.get("status") == "ok" and r["key"] in ref and r.get("request") == "generate_until"]
+    if not pairs:
+        return None
+    return sum(a.strip() == b.strip() for a, b in pairs) / len(pairs)
+
+
+def find_reference_run(cfg, results_dir: Path, this: Path) -> Path | None:
+    """The `none` run of the same model, task, frames and limit, if one has finished."""
+    for summary_file in sorted(results_dir.glob("*/summary.json")):
+        if summary_file.parent == this:
+            continue
+        s = json.loads(summary_file.read_text())
+        if (s.get("method") == "none" and s.get("model_path") == cfg.model.path
+                and s.get("lmms_task") == cfg.task.lmms_task and s.get("frames") == cfg.model.frames
+                and s.get("limit") == cfg.task.limit):
+            return summary_file.parent
+    return None
+
+
+def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict) -> dict:
+    task = cfg.task.lmms_task
+    records = [r for r in run_dir.samples() if r["task"] == task]
+    ok = [r for r in records if r.get("status") == "ok"]
+    key, native = metric_value(results, task, cfg.task.metric)
+    per_sample = [s.get(cfg.task.metric) for s in results.get("samples", {}).get(task, [])]
+    scalar = [float(v) for v in per_sample if isinstance(v, (int, float))]
+    ci = bootstrap_ci([to_100(v, cfg.task.scale, f"{task}.{key} (a sample)") for v in scalar],
+                      seed=cfg.seed) if len(scalar) == len(per_sample) else None
+    timings = {name: _stats([r["timings"].get(name) for r in ok]) for name in TIMINGS}
+    prefill = sum(r["timings"].get("prefill", 0.0) for r in ok)
+    reference = find_reference_run(cfg, Path(cfg.results_dir), run_dir.path)
+    return {
+        "run_id": run_dir.path.name, "task": cfg.task.name, "task_label": cfg.task.label,
+        "lmms_task": task, "model": cfg.model.name, "model_path": cfg.model.path,
+        "smoke": bool(cfg.model.smoke or cfg.task.smoke), "frames": cfg.model.frames,
+        "limit": cfg.task.limit, "method": choice.name, "knobs": knobs, "label": choice.label,
+        "target_retention": choice.target_retention,
+        "metric": key, "metric_native": native, "scale": cfg.task.scale,
+        "score": to_100(native, cfg.task.scale, f"{task}.{key}"), "score_ci95": ci,
+        "n_samples": len(per_sample) or len(records), "n_failed": len(records) - len(ok),
+        "failed": [{"key": r["key"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
+        "retention": {name: _stats([r["retention"][name] for r in ok])
+                      for name in ("rho_tok", "rho_avg", "rho_flops")},
+        "timings": timings,
+        "seconds_per_sample": _stats([sum(r["timings"].values()) for r in ok]),
+        "compressor_share_of_prefill": (sum(r["timings"].get("compressor", 0.0) for r in ok) / prefill
+                                        if prefill else None),
+        "agreement_with_none": (1.0 if choice.name == "none" else
+                                agreement(records, RunDir(reference).samples()) if reference else None),
+        "reference_run": reference.name if reference else None,
+        "results_dir": str(run_dir.path),
+    }
+
+
+def summary_line(s: dict) -> str:
+    ret = s["retention"]["rho_tok"]
+    sec = s["seconds_per_sample"]
+    parts = [
+        ("[SMOKE: random model] " if s["smoke"] else "") + f"{s['task']}",
+        f"{s['model']}",
+        f"{s['method']}" + (f" {s['label']}" if s["label"] else ""),
+        f"retention {100 * ret['mean']:.1f}% (rho_tok, {100 * ret['min']:.1f}-{100 * ret['max']:.1f})"
+        if ret else "retention n/a",
+        f"score {s['score']:.1f}" + (f" [{s['score_ci95'][0]:.1f}, {s['score_ci95'][1]:.1f}]"
+                                     if s["score_ci95"] else ""),
+        f"{sec['mean']:.3f} s/sample" if sec else "n/a s/sample",
+        f"{s['n_samples']} samples, {s['n_failed']} failed",
+        f"-> {s['results_dir']}",
+    ]
+    return " | ".join(parts)

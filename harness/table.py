@@ -1,0 +1,144 @@
+"""Paper-style result tables from run directories: Markdown, LaTeX (booktabs) and CSV.
+
+Rows are method x setting (the `none` row on top), columns are benchmarks and their average, plus the
+achieved retention and FLOPs ratio; each score also shows its delta to `none`. Missing cells stay
+visibly missing ("–"), never zero.
+
+    python -m harness.table results/sweeps/2026-11-21_12-00-00 [--out DIR] [--ci]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+MISSING = "–"
+
+
+def find_summaries(paths) -> list[dict]:
+    """summary.json of every run dir given, found below a given dir, or listed by a sweep dir."""
+    found = {}
+    for path in map(Path, paths):
+        candidates = list(path.glob("**/summary.json")) if path.is_dir() else []
+        for pointer in path.glob("**/run_dir.txt") if path.is_dir() else []:
+            candidates.append(Path(pointer.read_text().strip()) / "summary.json")
+        if path.is_file() and path.name == "summary.json":
+            candidates.append(path)
+        for c in candidates:
+            if c.is_file():
+                found[c.resolve()] = json.loads(c.read_text())
+    if not found:
+        raise FileNotFoundError(f"no summary.json under {', '.join(map(str, paths))}")
+    return list(found.values())
+
+
+def frame(summaries: list[dict]) -> pd.DataFrame:
+    """One row per run: method, setting, benchmark label, score, CI, retention, FLOPs, failures."""
+    rows = []
+    for s in summaries:
+        ret = s["retention"]
+        rows.append({
+            "method": s["method"], "setting": s["label"] or "", "model": s["model"],
+            "benchmark": s["task_label"], "score": s["score"],
+            "ci_low": (s.get("score_ci95") or [None, None])[0],
+            "ci_high": (s.get("score_ci95") or [None, None])[1],
+            "rho_tok": ret["rho_tok"]["mean"] if ret["rho_tok"] else None,
+            "rho_flops": ret["rho_flops"]["mean"] if ret["rho_flops"] else None,
+            "agreement": s.get("agreement_with_none"),
+            "failed": s["n_failed"], "smoke": s["smoke"],
+        })
+    return pd.DataFrame(rows)
+
+
+def paper_table(df: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
+    """Rows = method x setting (none first), columns = benchmarks, Avg., Retention, FLOPs."""
+    benchmarks = sorted(df["benchmark"].unique())
+    keys = ["model", "method", "setting"]
+    scores = df.pivot_table(index=keys, columns="benchmark", values="score", aggfunc="first")
+    scores = scores.reindex(columns=benchmarks)
+    avg = scores.mean(axis=1, skipna=False)  # an average over a missing benchmark is missing
+    meta = df.groupby(keys).agg(rho_tok=("rho_tok", "mean"), rho_flops=("rho_flops", "mean"),
+                                agreement=("agreement", "mean"), failed=("failed", "sum"))
+    order = sorted(scores.index, key=lambda k: (k[0], k[1] != "none", -(meta.loc[k, "rho_tok"] or 0), k))
+    none_rows = {k[0]: scores.loc[k] for k in scores.index if k[1] == "none"}
+    none_avg = {k[0]: avg.loc[k] for k in scores.index if k[1] == "none"}
+    cis = df.set_index(keys + ["benchmark"])[["ci_low", "ci_high"]]
+    out = []
+    for key in order:
+        model, method, setting = key
+        row = {"Model": model, "Method": method + (f" ({setting})" if setting else ""),
+               "Retention": _pct(meta.loc[key, "rho_tok"]), "FLOPs": _pct(meta.loc[key, "rho_flops"])}
+        for b in benchmarks:
+            cell = _cell(scores.loc[key, b], none_rows.get(model, {}).get(b), method == "none")
+            if ci and (key + (b,)) in cis.index and pd.notna(cis.loc[key + (b,), "ci_low"]):
+                cell += f" [{cis.loc[key + (b,), 'ci_low']:.1f}, {cis.loc[key + (b,), 'ci_high']:.1f}]"
+            failed = df[(df.model == model) & (df.method == method) & (df.setting == setting)
+                        & (df.benchmark == b)]["failed"].sum()
+            row[b] = cell + ("*" if failed else "")
+        row["Avg."] = _cell(avg.loc[key], none_avg.get(model), method == "none")
+        row["Agree"] = _pct(meta.loc[key, "agreement"])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _pct(x) -> str:
+    return MISSING if x is None or pd.isna(x) else f"{100 * x:.1f}%"
+
+
+def _cell(score, reference, is_reference: bool) -> str:
+    if score is None or pd.isna(score):
+        return MISSING
+    if is_reference or reference is None or pd.isna(reference):
+        return f"{score:.1f}"
+    return f"{score:.1f} ({score - reference:+.1f})"
+
+
+def footnotes(df: pd.DataFrame) -> list[str]:
+    notes = ["Scores on 0-100; (±x) is the difference to the uncompressed `none` row. "
+             "Retention = mean achieved token retention rho_tok; FLOPs = prefill FLOPs ratio to `none`; "
+             "Agree = share of answers equal to `none`'s."]
+    if df["failed"].sum():
+        notes.append("* this benchmark had failed samples (counted as wrong); see the run's summary.json.")
+    if df["smoke"].any():
+        notes.append("SMOKE setup: a randomly initialised model and a generated task; "
+                     "these numbers only show that the harness runs.")
+    return notes
+
+
+def write_tables(summaries: list[dict], out_dir: Path, ci: bool = False) -> str:
+    """Write table.md, table.tex, table.csv (and runs.csv with every run) to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = frame(summaries)
+    table = paper_table(df, ci=ci)
+    notes = footnotes(df)
+    markdown = table.to_markdown(index=False) + "\n\n" + "\n".join(f"{n}  " for n in notes) + "\n"
+    (out_dir / "table.md").write_text(markdown)
+    latex = table.style.hide(axis="index").to_latex(hrules=True, column_format="l" * len(table.columns))
+    latex = latex.replace("%", r"\%").replace("_", r"\_")
+    (out_dir / "table.tex").write_text(latex + "".join(f"% {n}\n" for n in notes))
+    table.to_csv(out_dir / "table.csv", index=False)
+    df.to_csv(out_dir / "runs.csv", index=False)
+    return markdown
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.table", description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs or results/")
+    parser.add_argument("--out", type=Path, help="where to write the tables (default: first path)")
+    parser.add_argument("--ci", action="store_true", help="show 95%% bootstrap intervals")
+    args = parser.parse_args(argv)
+    try:
+        summaries = find_summaries(args.paths)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(write_tables(summaries, args.out or Path(args.paths[0]), ci=args.ci))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

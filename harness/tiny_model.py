@@ -1,0 +1,104 @@
+"""The embedded smoke model: a randomly initialised LLaVA-OneVision, shrunk to a few MB.
+
+It has the real architecture (SigLIP 384/14 encoder giving 27x27 patches, 2-layer MLP projector,
+Qwen2 decoder, image_newline) so every code path is the one the real checkpoints take; only the
+widths, depths and the vocabulary are small. It is written to disk as a normal Hugging Face model
+directory and loaded through the same `from_pretrained` code as the real models.
+Its answers are random: it exists to exercise the harness, never to produce a number to report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+# The chat template of the llava-hf OneVision processors (Qwen2 ChatML with media first).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if not loop.first or message['content'] | rejectattr('type', 'equalto', 'text') | list %}{{ '\n' }}{% endif %}"
+    "{{ content['text'] }}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TINY_SHAPE = dict(
+    vision_hidden=32, vision_layers=2, vision_heads=2,
+    text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=2,
+)
+
+
+def _byte_level_tokenizer():
+    """A byte-level BPE without merges: every UTF-8 byte is a token, plus ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model, tokenizer and preprocessing files to `directory` (idempotent)."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              Qwen2Config, SiglipVisionConfig)
+
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        return directory
+    tmp = directory.with_name(directory.name + ".building")
+    tokenizer = _byte_level_tokenizer()
+    s = TINY_SHAPE
+    vision = SiglipVisionConfig(
+        hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+        num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
+        image_size=384, patch_size=14, vision_use_head=False,
+    )
+    text = Qwen2Config(
+        hidden_size=s["text_hidden"], intermediate_size=2 * s["text_hidden"],
+        num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
+        num_key_value_heads=s["text_kv_heads"], vocab_size=len(tokenizer),
+        max_position_embeddings=32768, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        tie_word_embeddings=False,  # tied random embeddings just echo the last prompt token
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # Random init leaves image_newline at zeros-ish scale; give it the same scale as the embeddings.
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 0.02)
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    (tmp / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "size": {"height": 384, "width": 384}, "rescale_factor": 1 / 255,
+    }))
+    (tmp / "SMOKE_MODEL.txt").write_text(
+        f"Randomly initialised LLaVA-OneVision (seed {seed}) for smoke tests. Not a trained model.\n")
+    tmp.rename(directory)
+    return directory

@@ -1,0 +1,51 @@
+"""Reading videos and turning frames into the vision encoder's input, without torchvision.
+
+Matches LLaVA-OneVision's video preprocessing: uniform frame sampling, resize to the encoder's
+square input with bicubic antialiasing, scale by 1/255, normalise with the checkpoint's mean/std.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be used: missing, unreadable, or without frames."""
+
+
+def uniform_indices(total: int, count: int) -> np.ndarray:
+    """`count` frame indices spread evenly over [0, total-1] (lmms_eval's llava_onevision rule)."""
+    return np.linspace(0, total - 1, count, dtype=int)
+
+
+def read_frames(path: str | Path, count: int) -> np.ndarray:
+    """`count` uniformly sampled RGB frames of the video at `path` as uint8 (count, H, W, 3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"video file not found: {path}")
+    import decord  # an extra: only needed when videos are actually read
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        total = len(reader)
+        if total == 0:
+            raise VideoError(f"video has no frames: {path}")
+        return reader.get_batch(list(uniform_indices(total, count))).asnumpy()
+    except VideoError:
+        raise
+    except Exception as err:  # decord raises bare RuntimeError/DECORDError for corrupt files
+        raise VideoError(f"cannot decode video {path}: {str(err).splitlines()[0]}") from err
+
+
+def preprocess(frames: np.ndarray, size: int, mean, std) -> torch.Tensor:
+    """uint8 (F, H, W, 3) -> float32 (F, 3, size, size), resized, rescaled and normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = nnf.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = x.clamp_(0, 255) / 255.0
+    mean = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std

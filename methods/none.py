@@ -1,0 +1,15 @@
+"""No compression: the uncompressed reference row of every table."""
+
+from dataclasses import dataclass
+
+from methods import register
+from methods.base import Compressor, VisualInput
+
+
+@register
+@dataclass
+class NoCompression(Compressor):
+    name = "none"
+
+    def compress(self, x: VisualInput):
+        return x.features.flatten(0, 1)

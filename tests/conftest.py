@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny model and the smoke data, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import harness.config  # noqa: F401  (schemas and resolvers)
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache (tiny model, smoke videos) for the whole session; subprocesses get it via VTC_CACHE."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["VTC_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(cache_dir) -> Path:
+    from harness.tiny_model import build_tiny_model
+
+    return build_tiny_model(cache_dir / "models" / "tiny-llava-onevision")
+
+
+@pytest.fixture(scope="session")
+def smoke_questions(cache_dir) -> Path:
+    from harness.smoke_data import generate
+
+    return generate(cache_dir / "data" / "vtc_smoke")
+
+
+def make_cfg(*overrides: str, results_dir: Path, cache_dir: Path):
+    """The composed config, as `python -m harness <overrides>` would see it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            f"results_dir={results_dir}", f"cache_dir={cache_dir}", "progress=false", *overrides])
+
+
+@pytest.fixture
+def cfg_factory(tmp_path, cache_dir, tiny_model_dir, smoke_questions):
+    def factory(*overrides):
+        return make_cfg(*overrides, results_dir=tmp_path / "results", cache_dir=cache_dir)
+    return factory

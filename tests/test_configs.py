@@ -1,0 +1,81 @@
+"""Every YAML under conf/ composes, and bad values fail before any model is loaded."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from harness.errors import ConfigError
+from harness.run import choose_method
+from tests.conftest import CONF
+
+
+def group_overrides():
+    for path in sorted(CONF.rglob("*.yaml")):
+        rel = path.relative_to(CONF)
+        if rel.parent == Path("."):
+            continue
+        group, name = str(rel.parent), rel.stem
+        yield ("+" if group == "method" else "") + f"{group}={name}"
+
+
+@pytest.mark.parametrize("override", list(group_overrides()))
+def test_every_config_composes(override, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[override], return_hydra_config=True)
+    OmegaConf.resolve(cfg)  # interpolations resolve too
+    if override.startswith("+method="):
+        assert choose_method(cfg).name == override.split("=")[1]
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_misspelt_key_is_rejected():
+    with pytest.raises(Exception, match="tua"):
+        compose_cfg("+method=scissor", "tua=0.9")
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(Exception, match="tau"):
+        compose_cfg("+method=scissor", "tau=abc")
+
+
+def test_misspelt_method_knob_is_rejected():
+    cfg = compose_cfg("+method=uniform", "+method.retension=0.3")
+    with pytest.raises(ConfigError, match="retension.*its knobs are retention"):
+        choose_method(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+method=scissor", "tau=1.5"], r"tau=1.5: expected a value in \[-1"),
+    (["+method=uniform", "retention=0"], r"retention=0.*expected a value in \(0"),
+    (["+method=uniform", "retention=1.2"], r"retention=1.2.*expected a value in \(0"),
+    (["tau=0.9"], "method none has no knob tau"),
+    (["retention=0.5"], "method none has no retention"),
+    (["+method=scissor", "tau=0.9", "retention=0.2"], "either tau=0.9 or retention=0.2"),
+])
+def test_knob_out_of_range(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        choose_method(compose_cfg(*overrides))
+
+
+def test_top_level_knobs_reach_the_method():
+    assert choose_method(compose_cfg("+method=scissor", "tau=0.85")).knobs["tau"] == 0.85
+    assert choose_method(compose_cfg("+method=scissor")).knobs["tau"] == 0.9
+    choice = choose_method(compose_cfg("+method=uniform", "retention=0.1"))
+    assert choice.knobs == {"retention": 0.1} and choice.target_retention is None
+    choice = choose_method(compose_cfg("+method=scissor", "retention=0.1"))
+    assert choice.target_retention == 0.1
+
+
+def test_unknown_method_names_the_known_ones():
+    with pytest.raises(Exception, match="scissor"):
+        compose_cfg("+method=scisor")
+    cfg = compose_cfg("+method.name=foo")
+    with pytest.raises(ConfigError, match="unknown method, expected one of .*none.*scissor.*uniform"):
+        choose_method(cfg)

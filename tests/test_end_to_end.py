@@ -1,0 +1,115 @@
+"""The harness end to end: the README's commands in a subprocess, resume, and bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from harness.run import run
+from harness.rundir import read_samples
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def harness(*args, results, cache, check=True):
+    env = {**os.environ, "VTC_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "harness", *args, f"results_dir={results}",
+                           "progress=false"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def only_run_dir(results):
+    dirs = [p for p in results.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "sweeps"]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_literal_command_writes_the_run(tmp_path, cache_dir, tiny_model_dir, smoke_questions):
+    results = tmp_path / "results"
+    proc = harness("+method=scissor", "tau=0.9", results=results, cache=cache_dir)
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("[SMOKE: random model] smoke | tiny | scissor tau=0.9 | retention ")
+    assert "24 samples, 0 failed" in line
+    run_dir = only_run_dir(results)
+    assert {"config.yaml", "config.json", "versions.json", "samples.jsonl", "summary.json"} <= {
+        p.name for p in run_dir.iterdir()}
+    records = read_samples(run_dir / "samples.jsonl")
+    assert len(records) == 24 and all(r["status"] == "ok" for r in records)
+    first = records[0]
+    assert {"prediction", "target", "score", "retention", "timings"} <= set(first)
+    assert 0 < first["retention"]["rho_tok"] <= 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == "scissor" and summary["knobs"]["tau"] == 0.9
+    assert summary["score"] == pytest.approx(100 * sum(r["score"] for r in records) / 24)
+    versions = json.loads((run_dir / "versions.json").read_text())
+    assert {"harness_git", "torch", "transformers", "lmms_eval"} <= set(versions)
+
+
+def test_multirun_writes_the_table(tmp_path, cache_dir, tiny_model_dir, smoke_questions):
+    results = tmp_path / "results"
+    proc = harness("-m", "+method=uniform", "retention=0.5,0.25", "task.limit=4",
+                   results=results, cache=cache_dir)
+    sweep = next((results / "sweeps").iterdir())
+    for name in ("table.md", "table.tex", "table.csv"):
+        assert (sweep / name).is_file()
+    table = (sweep / "table.md").read_text()
+    assert "uniform (retention=0.5)" in table and "uniform (retention=0.25)" in table
+    assert "Smoke-MC" in table and "SMOKE setup" in table
+    assert "booktabs" not in (sweep / "table.tex").read_text() or True
+    assert "\\toprule" in (sweep / "table.tex").read_text()
+    assert "Sweep table" in proc.stdout
+
+
+def test_rerun_resumes_without_recomputing(cfg_factory):
+    cfg = cfg_factory("+method=uniform", "retention=0.25", "task.limit=6")
+    run_dir = run(cfg)
+    lines = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    # a crash after three samples: keep them, and a half-written fourth line
+    (run_dir / "samples.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    run(cfg)
+    after = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert after[:3] == lines[:3]  # untouched
+    assert len(read_samples(run_dir / "samples.jsonl")) == 6  # three recomputed, not six
+    run(cfg)  # complete: nothing recomputed
+    assert len((run_dir / "samples.jsonl").read_text().splitlines()) == len(after)
+
+
+def test_bad_videos_fail_their_sample_and_the_run_goes_on(cfg_factory, tmp_path, smoke_questions):
+    data = tmp_path / "data"
+    (data / "videos").mkdir(parents=True)
+    rows = [json.loads(line) for line in smoke_questions.read_text().splitlines()[:3]]
+    shutil.copy(rows[0]["video"], data / "videos" / "good.mp4")
+    (data / "videos" / "corrupt.mp4").write_bytes(b"not a video" * 100)
+    for row, name in zip(rows, ["good.mp4", "missing.mp4", "corrupt.mp4"]):
+        row["video"] = str(data / "videos" / name)
+    (data / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = run(cfg_factory(f"task.data_dir={data}"))
+    records = {r["doc_id"]: r for r in read_samples(run_dir / "samples.jsonl")}
+    assert records[0]["status"] == "ok"
+    assert records[1]["status"] == "failed" and "video file not found" in records[1]["reason"]
+    assert records[2]["status"] == "failed" and "cannot decode video" in records[2]["reason"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["n_failed"] == 2 and summary["n_samples"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["+method=scisor"], "Could not find 'method/scisor'"),
+    (["model=llava_ov_13b"], "Could not find 'model/llava_ov_13b'"),
+    (["task=nosuch"], "Could not find 'task/nosuch'"),
+    (["+method=scissor", "tau=1.5"], "error: scissor.tau=1.5: expected a value in [-1"),
+    (["+method=uniform", "retention=0"], "error: uniform.retention=0"),
+    (["model=llava_ov_0.5b", "model.path=/nonexistent/llava"], "error: model.path=/nonexistent/llava: no such directory"),
+])
+def test_bad_input_is_one_clear_error(args, message, tmp_path, cache_dir):
+    proc = harness(*args, results=tmp_path / "results", cache=cache_dir, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
