@@ -141,17 +141,49 @@ class LlavaOneVision:
     # ---- vision -------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, want_patch_scores: bool = False):
-        """(F, 3, S, S) -> VisualInput with (F, N, D) pooled features, and the newline token."""
+        """(F, 3, S, S) -> VisualInput with (F, N, D) pooled features, and the newline token.
+
+        With `want_patch_scores`, also the attention each encoder patch receives in the last vision
+        layer whose output the model uses (mean over heads and queries), recomputed for that one
+        layer from its input so the encoder itself keeps its fast attention kernel.
+        """
         pixel_values = pixel_values.to(self.device, self.model.dtype)
-        out = self.model.model.get_video_features(
-            pixel_values_videos=pixel_values[None],
-            vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-        )
+        scores = []
+        hook = None
+        if want_patch_scores:
+            attention = self.scoring_layer().self_attn
+            hook = attention.register_forward_pre_hook(
+                lambda module, args, kwargs: scores.append(received_attention(
+                    module, kwargs.get("hidden_states", args[0] if args else None))),
+                with_kwargs=True)
+        try:
+            out = self.model.model.get_video_features(
+                pixel_values_videos=pixel_values[None],
+                vision_feature_layer=self.config.vision_feature_layer,
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         pooled = out.pooler_output[0]  # (F*N + 1, D): the newline comes last
         frames = pixel_values.shape[0]
         features = pooled[:-1].reshape(frames, self.tokens_per_frame, -1)
-        return VisualInput(features=features, grid=self.grid), pooled[-1:]
+        patch_scores = scores[0] if scores else None
+        if patch_scores is not None and self.config.vision_feature_select_strategy == "default":
+            patch_scores = patch_scores[:, 1:]  # the CLS position is dropped from the features too
+        return VisualInput(features=features, grid=self.grid, patch_scores=patch_scores), pooled[-1:]
+
+    def scoring_layer(self):
+        """The encoder layer whose output the model uses (config.vision_feature_layer)."""
+        tower = self.model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        chosen = self.config.vision_feature_layer
+        if not isinstance(chosen, int):
+            chosen = chosen[-1]  # several layers concatenated: score with the deepest
+        index = chosen % (len(layers) + 1) - 1  # hidden_states[k] is the output of layer k-1
+        if index < 0:
+            raise ValueError("vision_feature_layer selects the embeddings: no attention to score with")
+        return layers[index]
 
     # ---- language model -----------------------------------------------------------------------
     def embed(self, ids: list[int], video_tokens: torch.Tensor, newline: torch.Tensor):
@@ -206,7 +238,10 @@ class LlavaOneVision:
                 generated.append(token)
                 if len(generated) == max_new_tokens or _stops(self.tokenizer.decode(generated), until):
                     break
-                out = self.model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True)
+                if compressor.stage == "llm":  # its cache differs per layer: it places the step
+                    out = compressor.decode(self, next_id.view(1, 1), cache)
+                else:
+                    out = self.model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 next_id = out.logits[0, -1].argmax()
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
@@ -228,6 +263,20 @@ class LlavaOneVision:
         greedy = bool((rows.argmax(-1) == targets).all())
         run.timings.setdefault("decode", 0.0)
         return logprob, greedy, run
+
+
+def received_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, P, C) input of a SigLIP attention -> (B, P): softmax attention each key receives,
+    averaged over heads and queries. One frame at a time keeps memory at (H, P, P)."""
+    batch, patches, _ = hidden.shape
+    heads = attention.num_heads
+    q = attention.q_proj(hidden).view(batch, patches, heads, -1).transpose(1, 2)
+    k = attention.k_proj(hidden).view(batch, patches, heads, -1).transpose(1, 2)
+    out = torch.empty(batch, patches, dtype=torch.float32, device=hidden.device)
+    for b in range(batch):
+        weights = (q[b].float() @ k[b].float().transpose(-1, -2) * attention.scale).softmax(-1)
+        out[b] = weights.mean(dim=(0, 1))
+    return out
 
 
 def _stops(text: str, until) -> bool:

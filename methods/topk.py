@@ -1,0 +1,51 @@
+"""Attention-score top-k: keep the tokens whose patches receive the most vision-encoder attention.
+
+Spec: shared/spec/methods.md ("Attention-score top-k"). The adapter supplies each patch's received
+attention in the last vision layer the model uses; the 27x27 map is pooled to the feature grid with
+the same bilinear resize as the features, and the top k per frame are kept in their original order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+
+from methods import register
+from methods.base import Compressor, VisualInput, check_range
+
+
+def pooled_scores(patch_scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(F, P*P) patch scores -> (F, h*w) scores on the pooled feature grid (bilinear)."""
+    frames, patches = patch_scores.shape
+    side = round(patches ** 0.5)
+    if side * side != patches:
+        raise ValueError(f"patch scores of {patches} patches are not a square grid")
+    maps = patch_scores.float().view(frames, 1, side, side)
+    return nnf.interpolate(maps, size=grid, mode="bilinear", align_corners=False).flatten(1)
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(F, N) -> (F, k) indices of the k highest scores per row (ties: lower index), ascending."""
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
+    return order.sort(dim=1).values
+
+
+@register
+@dataclass
+class TopK(Compressor):
+    name = "topk"
+    needs_patch_scores = True
+    retention: float = 0.25
+
+    def __post_init__(self):
+        check_range("topk.retention", self.retention, 0.0, 1.0, low_open=True)
+
+    def compress(self, x: VisualInput) -> torch.Tensor:
+        if x.patch_scores is None:
+            raise ValueError("topk needs the vision encoder's patch attention (patch_scores)")
+        frames, n, dim = x.features.shape
+        k = max(1, round(self.retention * n))
+        keep = top_indices(pooled_scores(x.patch_scores, x.grid), k)
+        return x.features.gather(1, keep.to(x.features.device)[..., None].expand(-1, -1, dim)).flatten(0, 1)

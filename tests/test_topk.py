@@ -1,0 +1,78 @@
+"""Attention-score top-k: the scores are the encoder's real attention, the selection follows the spec."""
+
+import pytest
+import torch
+
+import methods
+from harness.llava import LlavaOneVision
+from methods.base import VisualInput
+from methods.topk import pooled_scores, top_indices
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir):
+    return LlavaOneVision(str(tiny_model_dir))
+
+
+def test_patch_scores_equal_the_eager_attention_of_the_used_layer(adapter, tiny_model_dir):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    pixels = torch.randn(2, 3, 384, 384)
+    visual, _ = adapter.encode(pixels, want_patch_scores=True)
+    eager = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        str(tiny_model_dir), attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = eager.model.vision_tower(pixels, output_attentions=True)
+    layer = adapter.config.vision_feature_layer % (len(out.attentions) + 1) - 1
+    expected = out.attentions[layer].mean(dim=(1, 2))  # (F, P): mean over heads and queries
+    torch.testing.assert_close(visual.patch_scores, expected, rtol=1e-4, atol=1e-6)
+    # the features were computed with the fast kernel, unchanged by the scoring
+    assert adapter.model.model.vision_tower.config._attn_implementation == "sdpa"
+    plain, _ = adapter.encode(pixels)
+    torch.testing.assert_close(visual.features, plain.features)
+
+
+def test_known_scores_select_the_expected_tokens():
+    # a ramp over columns (slightly falling over rows) stays one after bilinear pooling:
+    # the right-most column wins, its top rows first
+    rows, cols = torch.meshgrid(torch.arange(27.0), torch.arange(27.0), indexing="ij")
+    ramp = (cols - 1e-3 * rows).flatten()[None].repeat(2, 1)  # (F=2, 729)
+    features = torch.randn(2, 196, 4)
+    out = methods.build("topk", retention=5 / 196).compress(VisualInput(features, (14, 14), ramp))
+    expected = [13, 27, 41, 55, 69]  # column 13, rows 0-4
+    torch.testing.assert_close(out, features[:, expected].flatten(0, 1))
+    out = methods.build("topk", retention=42 / 196).compress(VisualInput(features, (14, 14), ramp))
+    kept = sorted(r * 14 + c for r in range(14) for c in (11, 12, 13))
+    torch.testing.assert_close(out, features[:, kept].flatten(0, 1))
+
+
+def test_equal_scores_go_to_the_lower_index():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]])
+    assert top_indices(scores, 2).tolist() == [[1, 2]]
+    assert top_indices(scores, 4).tolist() == [[1, 2, 3, 4]]
+    assert top_indices(torch.zeros(1, 5), 3).tolist() == [[0, 1, 2]]
+
+
+def test_pooled_scores_use_the_feature_pooling():
+    scores = torch.rand(3, 729)
+    pooled = pooled_scores(scores, (14, 14))
+    expected = torch.nn.functional.interpolate(scores.view(3, 1, 27, 27), size=(14, 14), mode="bilinear")
+    torch.testing.assert_close(pooled, expected.flatten(1))
+
+
+def test_full_retention_equals_none(adapter):
+    visual, _ = adapter.encode(torch.randn(2, 3, 384, 384), want_patch_scores=True)
+    torch.testing.assert_close(methods.build("topk", retention=1.0).compress(visual),
+                               methods.build("none").compress(visual))
+
+
+def test_keeps_k_per_frame_in_original_order():
+    scores = torch.rand(4, 729)
+    features = torch.arange(4 * 196, dtype=torch.float32).view(4, 196, 1)
+    out = methods.build("topk", retention=0.1).compress(VisualInput(features, (14, 14), scores))
+    k = round(0.1 * 196)
+    assert out.shape == (4 * k, 1)
+    per_frame = out.view(4, k)
+    assert bool((per_frame.diff(dim=1) > 0).all())  # original order within each frame
+    for f in range(4):
+        assert bool(((per_frame[f] >= f * 196) & (per_frame[f] < (f + 1) * 196)).all())
