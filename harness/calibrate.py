@@ -5,6 +5,9 @@ fixed calibration subset of the task (the first `task.calibration_size` document
 token retention is within `TOLERANCE` of the target. Only the vision side runs: the LLM does not
 influence how many tokens a visual-stage compressor keeps. Results are cached per
 (model, task, frames, method, fixed knobs, target) under cache_dir/calibration/.
+
+FastV (`retention_via == "keep"`) is not bisected: its retention is a prefill FLOPs ratio, a closed
+form in the token counts, so `keep` is solved from the calibration prompts' mean text length.
 """
 
 from __future__ import annotations
@@ -78,8 +81,56 @@ def bisect_knob(measure, low: float, high: float, target: float, steps: int = 40
     return best[0], best[1], trace
 
 
+def calibration_text_tokens(adapter, tasks: dict, size: int) -> list[int]:
+    """Prompt lengths (text tokens, the video placeholder counted as the newline) of the first
+    `size` documents of the task."""
+    lengths = []
+    for task in tasks.values():
+        for doc in task.eval_docs:
+            if len(lengths) == size:
+                return lengths
+            lengths.append(len(adapter.prompt_ids(task.doc_to_text(doc))[0]))
+    if not lengths:
+        raise ConfigError("retention targeting found no document in the task to calibrate on")
+    return lengths
+
+
+def flops_matched_keep(cfg, choice, adapter, tasks: dict) -> dict:
+    """FastV: the `keep` whose prefill FLOPs ratio equals the target retention, solved from the
+    calibration prompts' mean text length and F*N video tokens (no model run, no bisection)."""
+    from harness.retention import retention_numbers
+    from methods.fastv import keep_for_flops_ratio
+
+    cls = methods.REGISTRY[choice.name]
+    K = choice.knobs.get("K", cls.K)
+    text_cfg = adapter.config.text_config
+    d, m, layers = text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_hidden_layers
+    video = cfg.model.frames * adapter.tokens_per_frame
+    lengths = calibration_text_tokens(adapter, tasks, cfg.task.calibration_size)
+    text = sum(lengths) / len(lengths)
+    try:
+        keep = keep_for_flops_ratio(choice.target_retention, K, layers, text, video, d, m)
+    except ValueError as err:
+        raise ConfigError(f"retention={choice.target_retention} ({choice.name} maps retention to "
+                          f"keep by prefill FLOPs): {err}") from err
+    kept = max(1, round(keep * video))  # what the method will keep, rounded as it rounds
+    achieved = [retention_numbers(video, t, [video] * K + [kept] * (layers - K), d, m)["rho_flops"]
+                for t in lengths]
+    achieved = sum(achieved) / len(achieved)
+    print(f"calibrated {choice.name} keep={keep:.6f} for retention {choice.target_retention:g} by "
+          f"FLOPs matching (K={K}, {text:.1f} text + {video} video tokens; rho_flops "
+          f"{100 * achieved:.2f}% on {len(lengths)} calibration prompts)")
+    return {"knobs": {"keep": keep}, "achieved_on_calibration": achieved, "measure": "rho_flops",
+            "key": {"model": cfg.model.path, "task": cfg.task.lmms_task, "frames": cfg.model.frames,
+                    "size": cfg.task.calibration_size, "method": choice.name, "K": K,
+                    "target": choice.target_retention},
+            "samples": len(lengths), "text_tokens": text}
+
+
 def calibrate(cfg, choice, adapter, tasks: dict, cache_dir: Path) -> dict:
     cls = methods.REGISTRY[choice.name]
+    if getattr(cls, "retention_via", None) == "keep":  # FastV: analytic, from token counts
+        return flops_matched_keep(cfg, choice, adapter, tasks)
     knob = cls.retention_via
     low, high = cls.retention_range
     fixed = {k: v for k, v in choice.knobs.items() if k != knob}

@@ -1,0 +1,272 @@
+"""FastV (shared/spec/methods.md): in-LLM pruning, its KV cache, and retention by FLOPs matching.
+
+The references here do not reuse FastV's code: the kept set comes from the stock model's eager
+attention weights, and the pruned forward is checked against the stock model run on the full
+sequence with the pruned keys masked out in layers >= K (see
+`test_cached_decoding_matches_masked_full_recompute`).
+"""
+
+import pytest
+import torch
+
+import methods
+from harness.errors import ConfigError
+from harness.llava import LlavaOneVision
+from harness.retention import retention_numbers
+from harness.video import preprocess, read_frames
+from methods.fastv import FastV, keep_for_flops_ratio, last_token_attention
+
+FRAMES = 4
+QUESTION = "What colour is the moving square?\nA. red\nB. blue"
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir):
+    return LlavaOneVision(str(tiny_model_dir))  # SDPA, as the harness runs it
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_model_dir):
+    """A separately loaded copy with eager attention: attention weights and 4D masks."""
+    return LlavaOneVision(str(tiny_model_dir), attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def pixels(smoke_questions, adapter):
+    p = adapter.preprocessing
+    return preprocess(read_frames(smoke_questions.parent / "videos" / "clip_003.mp4", FRAMES),
+                      p.size, p.mean, p.std)
+
+
+def prefill(adapter, pixels, compressor, **kwargs):
+    ids, _ = adapter.prompt_ids(QUESTION)
+    embeds, span, run = adapter.prepare(pixels, compressor, ids)
+    with torch.no_grad():
+        out = adapter.forward(embeds, span, compressor, run, **kwargs)
+    return embeds, span, run, out
+
+
+def literal_top_k(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))[:k])
+
+
+# ---- knobs --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("knobs, message", [
+    ({"K": 0}, "fastv.K=0"), ({"K": 1.5}, "fastv.K=1.5"), ({"K": True}, "fastv.K=True"),
+    ({"keep": 0.0}, r"fastv.keep=0.0: expected a value in \(0.0, 1.0\]"),
+    ({"keep": 1.5}, "fastv.keep=1.5"), ({"keep": "half"}, "fastv.keep='half'"),
+])
+def test_bad_knobs_are_rejected(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        methods.build("fastv", **knobs)
+
+
+def test_k_at_or_beyond_the_llm_depth_is_an_error(adapter, pixels):
+    with pytest.raises(ValueError, match="fastv.K=4: expected K < 4"):
+        prefill(adapter, pixels, FastV(K=4))
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_keep_one_reproduces_the_unpruned_logits(adapter, pixels, K, use_cache):
+    embeds, _, run, out = prefill(adapter, pixels, FastV(K=K, keep=1.0), use_cache=use_cache)
+    with torch.no_grad():
+        expected = adapter.model(inputs_embeds=embeds).logits
+    torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
+    assert run.layer_video_tokens == [FRAMES * 196] * 4
+
+
+@pytest.mark.parametrize("K, keep", [(2, 0.25), (1, 0.1), (3, 0.5)])
+def test_layers_from_k_on_process_only_the_kept_tokens(adapter, pixels, K, keep):
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+             for layer in adapter.model.model.language_model.layers]
+    try:
+        embeds, (start, end), run, out = prefill(adapter, pixels, FastV(K=K, keep=keep),
+                                                 use_cache=True, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    total, video, k = embeds.shape[1], FRAMES * 196, round(keep * FRAMES * 196)
+    assert end - start == video
+    assert seen == [total] * K + [total - video + k] * (4 - K)
+    assert run.layer_video_tokens == [video] * K + [k] * (4 - K)
+    assert run.video_tokens_out == k and out.logits.shape[1] == 1
+    # text tokens (the trailing newline at `end` included) are never pruned
+    kept = set(out.kept.tolist())
+    assert set(range(start)) | set(range(end, total)) <= kept and len(kept) == total - video + k
+    numbers = retention_numbers(video, run.text_tokens, run.layer_video_tokens, 64, 128)
+    assert numbers["rho_tok"] == pytest.approx(k / video)
+    assert numbers["rho_avg"] == pytest.approx((K + (4 - K) * k / video) / 4)
+
+
+def test_at_least_one_video_token_is_kept(adapter, pixels):
+    _, (start, end), run, out = prefill(adapter, pixels, FastV(keep=1e-6), use_cache=False)
+    assert run.layer_video_tokens == [784, 784, 1, 1]
+    assert sum(start <= p < end for p in out.kept.tolist()) == 1
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_selection_is_the_top_k_of_eager_attention_at_layer_k_minus_1(adapter, eager, pixels, K):
+    keep = 0.25
+    embeds, (start, end), _, out = prefill(adapter, pixels, FastV(K=K, keep=keep), use_cache=False)
+    with torch.no_grad():
+        attentions = eager.model(inputs_embeds=embeds, output_attentions=True).attentions
+    row = attentions[K - 1][0, :, -1].mean(0)  # last query, mean over heads: (T,)
+    # the one-row computation equals the eager weights ...
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        hidden = lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[K - 1]
+        positions = torch.arange(embeds.shape[1])[None]
+        ours = last_token_attention(lm.layers[K - 1], hidden, *lm.rotary_emb(embeds, positions))
+    torch.testing.assert_close(ours, row, rtol=1e-5, atol=1e-7)
+    # ... and the kept video tokens are its literal top-k (ties: lower index)
+    expected = literal_top_k(row[start:end], round(keep * (end - start)))
+    assert [p - start for p in out.kept.tolist() if start <= p < end] == expected
+
+
+def test_selection_breaks_ties_towards_lower_indices():
+    from methods.fastv import select
+
+    scores = torch.tensor([0.1, 0.3, 0.3, 0.2, 0.3, 0.0])
+    assert select(scores, 0.5).tolist() == [1, 2, 4]
+    assert select(scores, 2 / 6).tolist() == [1, 2]
+    assert select(torch.zeros(10), 0.3).tolist() == [0, 1, 2]
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+def masked_reference_logits(eager, embeds, kept_prompt, K):
+    """Last-position logits of the stock eager model on `embeds` (prompt + generated tokens), all
+    layers run over every token, with layers >= K forbidden to attend to the pruned prompt tokens.
+
+    Pruned tokens then influence nothing in layers >= K, so every other position's output is what
+    FastV computes on the shortened sequence, at the original positions, without any cache.
+    """
+    total, prompt = embeds.shape[1], kept_prompt[-1] + 1  # the last prompt token is always kept
+    allowed = torch.ones(total, dtype=torch.bool)
+    allowed[sorted(set(range(prompt)) - set(kept_prompt))] = False  # generated tokens stay visible
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    mask = torch.zeros(total, total).masked_fill(~(causal & allowed), torch.finfo(torch.float32).min)
+
+    def pruned_mask(module, args, kwargs):
+        kwargs["attention_mask"] = mask[None, None]
+        return args, kwargs
+
+    layers = eager.model.model.language_model.layers
+    hooks = [layers[i].register_forward_pre_hook(pruned_mask, with_kwargs=True)
+             for i in range(K, len(layers))]
+    try:
+        with torch.no_grad():
+            return eager.model(inputs_embeds=embeds).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("K, keep", [(2, 0.25), (1, 0.1)])
+def test_cached_decoding_matches_masked_full_recompute(adapter, eager, pixels, K, keep):
+    """Formulation: with the kept set S chosen at prefill, FastV's answer is the stock model run
+    on prompt + generated tokens where layers < K attend causally to everything and layers >= K
+    attend causally to S and the generated tokens only (original positions throughout, no cache).
+    The cached prefill + `FastV.decode` steps must give those logits at every step, and
+    `LlavaOneVision.generate` the greedy tokens they imply."""
+    steps = 6
+    compressor = FastV(K=K, keep=keep)
+    embeds, _, _, out = prefill(adapter, pixels, compressor, use_cache=True)
+    kept = out.kept.tolist()
+    reference = masked_reference_logits(eager, embeds, kept, K)
+    torch.testing.assert_close(out.logits[0], reference[kept], rtol=1e-4, atol=1e-5)
+
+    cache, logits, tokens = out.past_key_values, out.logits[0, -1], []
+    embed = adapter.model.get_input_embeddings()
+    for _ in range(steps):
+        token = int(logits.argmax())
+        if token in adapter.stop_ids:
+            break
+        tokens.append(token)
+        embeds = torch.cat([embeds, embed(torch.tensor([[token]]))], 1)
+        with torch.no_grad():
+            logits = compressor.decode(adapter, torch.tensor([[token]]), cache).logits[0, -1]
+        torch.testing.assert_close(logits, masked_reference_logits(eager, embeds, kept, K)[-1],
+                                   rtol=1e-4, atol=1e-5)
+    assert tokens  # the random model does not stop at once: decoding was exercised
+    # every token decoded above is in the cache: all of them below K, kept + generated from K on
+    assert [layer.keys.shape[-2] for layer in cache.layers] == (
+        [embeds.shape[1]] * K + [len(kept) + len(tokens)] * (4 - K))
+
+    text, run = adapter.generate(pixels, QUESTION, compressor, max_new_tokens=steps)
+    assert text == adapter.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert set(run.timings) == {"vision", "compressor", "prefill", "decode"}
+    assert 0 < run.timings["compressor"] < run.timings["prefill"]
+
+
+def test_loglikelihood_scores_the_answer_on_the_pruned_sequence(adapter, eager, pixels):
+    compressor = FastV(K=2, keep=0.25)
+    logprob, _, run = adapter.loglikelihood(pixels, QUESTION, "AB", compressor)
+    ids, n = adapter.prompt_ids(QUESTION, "AB")
+    embeds, span, _ = adapter.prepare(pixels, compressor, ids)
+    with torch.no_grad():
+        kept = adapter.forward(embeds, span, compressor, run, use_cache=False).kept.tolist()
+    logits = masked_reference_logits(eager, embeds, kept, 2)
+    logp = logits.log_softmax(-1)
+    total = embeds.shape[1]
+    expected = sum(logp[total - n - 1 + i, ids[-n + i]].item() for i in range(n))
+    assert logprob == pytest.approx(expected, rel=0, abs=1e-5)  # wrong positions: ~1e-4 off
+    assert run.layer_video_tokens == [784, 784, 196, 196]
+
+
+# ---- retention by FLOPs matching ----------------------------------------------------------------
+@pytest.mark.parametrize("target, K, layers, text, video, d, m", [
+    (0.5, 2, 28, 100, 32 * 196, 3584, 18944),  # LLaVA-OneVision-7B, 32 frames
+    (0.2, 2, 28, 100, 32 * 196, 3584, 18944),
+    (0.3, 3, 24, 87.5, 16 * 196, 896, 4864),  # 0.5B
+    (0.75, 2, 4, 60, 8 * 196, 64, 128),  # the tiny smoke model
+    (1.0, 2, 4, 60, 8 * 196, 64, 128),
+])
+def test_keep_for_flops_ratio_reproduces_the_target(target, K, layers, text, video, d, m):
+    keep = keep_for_flops_ratio(target, K, layers, text, video, d, m)
+    assert 0 < keep <= 1
+    numbers = retention_numbers(video, text, [video] * K + [keep * video] * (layers - K), d, m)
+    assert numbers["rho_flops"] == pytest.approx(target, rel=1e-9)
+    assert numbers["rho_avg"] == pytest.approx((K + (layers - K) * keep) / layers)
+
+
+def test_unreachable_flops_ratio_names_the_smallest_reachable():
+    d, m, layers, K, text, video = 3584, 18944, 28, 2, 100, 32 * 196
+    lowest = retention_numbers(video, text, [video] * K + [1] * (layers - K), d, m)["rho_flops"]
+    assert 2 / 28 < lowest < 0.09  # two full layers of 28 already cost 8.3 %, more than 5 %
+    with pytest.raises(ValueError, match=f"5% is unreachable.*smallest reachable is {100 * lowest:.2f}%"):
+        keep_for_flops_ratio(0.05, K, layers, text, video, d, m)
+    keep = keep_for_flops_ratio(lowest, K, layers, text, video, d, m)  # the boundary is reachable
+    assert keep * video == pytest.approx(1.0)
+
+
+def test_retention_target_calibrates_keep_by_flops(cfg_factory, adapter):
+    from harness.calibrate import calibrate, calibration_text_tokens
+    from harness.run import choose_method, load_tasks, prepare_task_data
+
+    cfg = cfg_factory("+method=fastv", "retention=0.6")
+    choice = choose_method(cfg)
+    assert choice.target_retention == 0.6 and choice.label == "r=0.6"
+    prepare_task_data(cfg)
+    tasks = load_tasks(cfg)
+    result = calibrate(cfg, choice, adapter, tasks, cache_dir=None)
+    lengths = calibration_text_tokens(adapter, tasks, cfg.task.calibration_size)
+    assert len(lengths) == cfg.task.calibration_size
+    video = cfg.model.frames * 196
+    expected = keep_for_flops_ratio(0.6, 2, 4, sum(lengths) / len(lengths), video, 64, 128)
+    assert result["knobs"] == {"keep": pytest.approx(expected)}
+    assert result["achieved_on_calibration"] == pytest.approx(0.6, abs=0.005)
+
+    # with K=2 of 4 layers unpruned, 50 % of the prefill FLOPs is already spent: an error
+    cfg = cfg_factory("+method=fastv", "retention=0.5")
+    with pytest.raises(ConfigError, match=r"retention=0.5 .*smallest reachable is 5\d\.\d\d%"):
+        calibrate(cfg, choose_method(cfg), adapter, tasks, cache_dir=None)
+
+
+def test_label_names_k_and_keep(cfg_factory):
+    from harness.run import choose_method
+
+    choice = choose_method(cfg_factory("+method=fastv", "method.keep=0.25"))
+    assert choice.knobs == {"K": 2, "keep": 0.25} and choice.label == "K=2,keep=0.25"
