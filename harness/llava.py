@@ -140,22 +140,27 @@ class LlavaOneVision:
 
     # ---- vision -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, want_patch_scores: bool = False):
+    def encode(self, pixel_values: torch.Tensor, want_patch_scores: bool = False,
+               timings: dict | None = None):
         """(F, 3, S, S) -> VisualInput with (F, N, D) pooled features, and the newline token.
 
         With `want_patch_scores`, also the attention each encoder patch receives in the last vision
         layer whose output the model uses (mean over heads and queries), recomputed for that one
-        layer from its input so the encoder itself keeps its fast attention kernel.
+        layer from its input so the encoder itself keeps its fast attention kernel. The time spent
+        on that is added to `timings["scoring"]`.
         """
         pixel_values = pixel_values.to(self.device, self.model.dtype)
         scores = []
         hook = None
         if want_patch_scores:
             attention = self.scoring_layer().self_attn
-            hook = attention.register_forward_pre_hook(
-                lambda module, args, kwargs: scores.append(received_attention(
-                    module, kwargs.get("hidden_states", args[0] if args else None))),
-                with_kwargs=True)
+
+            def score(module, args, kwargs):
+                with self.stopwatch("scoring", timings if timings is not None else {}):
+                    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                    scores.append(received_attention(module, hidden))
+
+            hook = attention.register_forward_pre_hook(score, with_kwargs=True)
         try:
             out = self.model.model.get_video_features(
                 pixel_values_videos=pixel_values[None],
@@ -200,7 +205,11 @@ class LlavaOneVision:
         """Vision encoder + compressor; returns the LLM's input embeddings and the measurements."""
         run = VideoPass()
         with self.stopwatch("vision", run.timings):
-            visual, newline = self.encode(pixel_values, want_patch_scores=compressor.needs_patch_scores)
+            visual, newline = self.encode(pixel_values, compressor.needs_patch_scores, run.timings)
+        # scoring patches is the compressor's work, even though it runs inside the encoder
+        scoring = run.timings.pop("scoring", 0.0)
+        run.timings["vision"] -= scoring
+        run.timings["compressor"] = scoring
         run.video_tokens_in = visual.features.shape[0] * visual.features.shape[1]
         if compressor.stage == "visual":
             with self.stopwatch("compressor", run.timings):
