@@ -40,6 +40,8 @@ class TaskConf:
     limit: Optional[int] = None  # evaluate only the first N samples
     live_score: bool = True  # score each sample as it completes (off for API-judged tasks)
     required_env: List[str] = field(default_factory=list)  # e.g. an API key for a judge
+    env: Dict[str, str] = field(default_factory=dict)  # set before the task loads (HF_HOME, ...)
+    judge: Optional[str] = None  # the model that scores answers (GPT-judged tasks); recorded
     smoke: bool = False
     calibration_size: int = 8  # samples used to calibrate tau to a target retention
 
@@ -65,6 +67,7 @@ class Config:
     seed: int = 0
     results_dir: str = "results"
     cache_dir: str = ".cache"
+    feature_cache: bool = True  # reuse pooled vision features across runs (cache_dir/features)
     run_id: Optional[str] = None  # default: derived from the config, so a re-run resumes
     resume: bool = True
     progress: bool = True

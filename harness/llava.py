@@ -53,6 +53,18 @@ def check_model_path(path: str) -> None:
                                  f"and HF_HUB_OFFLINE=1 forbids downloading it")
 
 
+def model_fingerprint(directory: Path, dtype: str, device: torch.device) -> str:
+    """Identifies the weights and numerics that produced a feature: config, weight files, dtype."""
+    import hashlib
+
+    h = hashlib.sha1((directory / "config.json").read_bytes())
+    for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"{dtype}:{device.type}".encode())
+    return h.hexdigest()
+
+
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -82,6 +94,17 @@ class VideoPass:
     text_tokens: int = 0  # prompt tokens that are not video tokens (newline included)
     layer_video_tokens: list[int] = field(default_factory=list)  # video tokens per LLM layer
     timings: dict = field(default_factory=dict)  # seconds: vision, compressor, prefill, decode
+    vision_cached: bool = False  # features came from the feature cache (vision time is 0)
+
+
+@dataclass
+class Encoded:
+    """A video after the vision side: pooled features, the newline token, what producing them took."""
+
+    visual: VisualInput
+    newline: torch.Tensor
+    timings: dict  # seconds: vision, scoring (patch attention, if computed)
+    cached: bool = False
 
 
 class LlavaOneVision:
@@ -112,6 +135,7 @@ class LlavaOneVision:
         self.stop_ids = {i for i in (self.tokenizer.eos_token_id, self.config.text_config.eos_token_id)
                          if i is not None}
         self.stopwatch = Stopwatch(self.device)
+        self.fingerprint = model_fingerprint(directory, dtype, self.device)
 
     # ---- prompt -------------------------------------------------------------------------------
     def _chat_template(self, directory: Path) -> str:
@@ -201,15 +225,25 @@ class LlavaOneVision:
         return embeds, (where, where + video_tokens.shape[0])
 
     @torch.inference_mode()
-    def prepare(self, pixel_values: torch.Tensor, compressor: Compressor, ids: list[int]):
-        """Vision encoder + compressor; returns the LLM's input embeddings and the measurements."""
-        run = VideoPass()
-        with self.stopwatch("vision", run.timings):
-            visual, newline = self.encode(pixel_values, compressor.needs_patch_scores, run.timings)
+    def encode_video(self, pixel_values: torch.Tensor, want_patch_scores: bool = False) -> Encoded:
+        """The timed vision side of one video: pooled features (and patch scores if asked)."""
+        timings = {}
+        with self.stopwatch("vision", timings):
+            visual, newline = self.encode(pixel_values, want_patch_scores, timings)
         # scoring patches is the compressor's work, even though it runs inside the encoder
-        scoring = run.timings.pop("scoring", 0.0)
-        run.timings["vision"] -= scoring
-        run.timings["compressor"] = scoring
+        timings["vision"] -= timings.get("scoring", 0.0)
+        return Encoded(visual, newline, timings)
+
+    @torch.inference_mode()
+    def prepare(self, video: torch.Tensor | Encoded, compressor: Compressor, ids: list[int]):
+        """Vision encoder (unless `video` is already encoded) + compressor; returns the LLM's input
+        embeddings, the video span in them and the measurements."""
+        if not isinstance(video, Encoded):
+            video = self.encode_video(video, compressor.needs_patch_scores)
+        visual, newline = video.visual, video.newline
+        run = VideoPass(vision_cached=video.cached)
+        run.timings["vision"] = video.timings.get("vision", 0.0)
+        run.timings["compressor"] = video.timings.get("scoring", 0.0)
         run.video_tokens_in = visual.features.shape[0] * visual.features.shape[1]
         if compressor.stage == "visual":
             with self.stopwatch("compressor", run.timings):
@@ -229,11 +263,11 @@ class LlavaOneVision:
         return self.model(inputs_embeds=embeds, use_cache=kwargs.pop("use_cache", True), **kwargs)
 
     @torch.inference_mode()
-    def generate(self, pixel_values, question: str, compressor: Compressor, max_new_tokens: int,
+    def generate(self, video, question: str, compressor: Compressor, max_new_tokens: int,
                  until: list[str] = ()):
         """Greedy answer to `question` about the video; returns (text, VideoPass)."""
         ids, _ = self.prompt_ids(question)
-        embeds, span, run = self.prepare(pixel_values, compressor, ids)
+        embeds, span, run = self.prepare(video, compressor, ids)
         with self.stopwatch("prefill", run.timings):
             out = self.forward(embeds, span, compressor, run, use_cache=True, logits_to_keep=1)
             next_id = out.logits[0, -1].argmax()
@@ -260,10 +294,10 @@ class LlavaOneVision:
         return text, run
 
     @torch.inference_mode()
-    def loglikelihood(self, pixel_values, question: str, answer: str, compressor: Compressor):
+    def loglikelihood(self, video, question: str, answer: str, compressor: Compressor):
         """(sum log p(answer | prompt), whether greedy decoding gives the answer, VideoPass)."""
         ids, n_answer = self.prompt_ids(question, answer)
-        embeds, span, run = self.prepare(pixel_values, compressor, ids)
+        embeds, span, run = self.prepare(video, compressor, ids)
         with self.stopwatch("prefill", run.timings):
             logits = self.forward(embeds, span, compressor, run, use_cache=False).logits[0].float()
         targets = torch.tensor(ids[-n_answer:], device=logits.device)

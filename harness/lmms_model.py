@@ -8,13 +8,16 @@ from there, which is what makes a re-run resume.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from harness.llava import LlavaOneVision, VideoPass
+from harness.feature_cache import FeatureCache
+from harness.llava import Encoded, LlavaOneVision, VideoPass
 from harness.retention import retention_numbers
 from harness.rundir import RunDir, sample_key
 from harness.video import VideoError, preprocess, read_frames
@@ -41,27 +44,39 @@ class VTCModel(lmms):
 
     def __init__(self, adapter: LlavaOneVision, compressor: Compressor, run_dir: RunDir, *,
                  frames: int, max_new_tokens: int, tasks: dict, metric: str, live_score: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, feature_cache: FeatureCache | None = None):
         super().__init__()
         self.adapter, self.compressor, self.run_dir = adapter, compressor, run_dir
         self.frames, self.max_new_tokens = frames, max_new_tokens
         self.tasks, self.metric, self.live_score, self.progress = tasks, metric, live_score, progress
         self.done = run_dir.completed()
-        self._video_cache: tuple[str, torch.Tensor] | None = None
+        self.feature_cache = feature_cache
+        self._last_video: tuple[str, Encoded] | None = None  # several requests of one document
         self.batch_size_per_gpu = 1
 
     # ---- media ----------------------------------------------------------------------------------
-    def _pixels(self, visuals) -> torch.Tensor:
+    def _video(self, visuals) -> Encoded:
+        """The encoded video of a document: from memory, from the feature cache, or computed."""
         visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
         if len(visuals) != 1 or not isinstance(visuals[0], str):
             raise SampleError(f"expected exactly one video path from doc_to_visual, got "
                               f"{[type(v).__name__ for v in visuals]}")
         path = visuals[0]
-        if self._video_cache is None or self._video_cache[0] != path:
-            frames = read_frames(path, self.frames)
-            p = self.adapter.preprocessing
-            self._video_cache = (path, preprocess(frames, p.size, p.mean, p.std))
-        return self._video_cache[1]
+        if self._last_video is not None and self._last_video[0] == path:
+            return replace(self._last_video[1], timings={}, cached=True)
+        if not Path(path).is_file():
+            raise VideoError(f"video file not found: {path}")
+        want_scores = self.compressor.needs_patch_scores
+        p = self.adapter.preprocessing
+        key = self.feature_cache.key(path, self.frames, p, want_scores) if self.feature_cache else None
+        encoded = self.feature_cache.load(key, self.adapter.device) if key else None
+        if encoded is None:
+            pixels = preprocess(read_frames(path, self.frames), p.size, p.mean, p.std)
+            encoded = self.adapter.encode_video(pixels, want_scores)
+            if key:
+                self.feature_cache.save(key, encoded)
+        self._last_video = (path, encoded)
+        return encoded
 
     def _measurements(self, run: VideoPass) -> dict:
         text_cfg = self.adapter.config.text_config
@@ -72,6 +87,7 @@ class VTCModel(lmms):
             "retention": retention_numbers(run.video_tokens_in, run.text_tokens, run.layer_video_tokens,
                                            text_cfg.hidden_size, text_cfg.intermediate_size),
             "timings": run.timings,
+            "vision_cached": run.vision_cached,
             "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20
                                if self.adapter.device.type == "cuda" else None),
         }
@@ -104,9 +120,11 @@ class VTCModel(lmms):
         try:
             try:
                 visuals = doc_to_visual(doc)
-            except Exception as err:  # a task function failing on this document's fields
+            except (Exception, SystemExit) as err:  # a task function failing on this document;
+                # several lmms_eval tasks (videomme, mlvu, egoschema, activitynetqa) sys.exit() on a
+                # missing video: that is one failed sample, not the end of the run
                 raise SampleError(f"doc_to_visual failed: {type(err).__name__}: {err}") from err
-            result, run, prediction = answer_one(self._pixels(visuals), context, arg1, doc)
+            result, run, prediction = answer_one(self._video(visuals), context, arg1, doc)
             record.update(status="ok", result=result, prediction=prediction, **self._measurements(run))
         except (VideoError, SampleError, torch.OutOfMemoryError) as err:
             record.update(status="failed", reason=f"{type(err).__name__}: {err}",
@@ -129,20 +147,20 @@ class VTCModel(lmms):
         return "" if req.request_type == "generate_until" else [-math.inf, False]
 
     def generate_until(self, requests) -> list[str]:
-        def answer(pixels, context, gen_kwargs, doc):
+        def answer(video, context, gen_kwargs, doc):
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
-            text, run = self.adapter.generate(pixels, context, self.compressor, max_new, until)
+            text, run = self.adapter.generate(video, context, self.compressor, max_new, until)
             return text, run, text
 
         return self._run(requests, "generate_until", answer)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        def answer(pixels, context, doc_to_target, doc):
+        def answer(video, context, doc_to_target, doc):
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            logprob, greedy, run = self.adapter.loglikelihood(pixels, context, continuation,
+            logprob, greedy, run = self.adapter.loglikelihood(video, context, continuation,
                                                               self.compressor)
             return [logprob, greedy], run, continuation
 

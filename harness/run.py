@@ -130,6 +130,9 @@ def load_tasks(cfg: DictConfig) -> dict:
     """lmms_eval Task objects for the configured task, with the config's overrides applied."""
     from lmms_eval.tasks import TaskManager, get_task_dict
 
+    # lmms_eval's task modules read HF_HOME (where the videos are), the judge's model name etc.
+    # from the environment when they are imported, which is below.
+    os.environ.update({k: str(v) for k, v in cfg.task.env.items()})
     include = cfg.task.include_path
     include = str((REPO_ROOT / include).resolve()) if include else None
     manager = TaskManager(verbosity="ERROR", include_path=include)
@@ -137,7 +140,48 @@ def load_tasks(cfg: DictConfig) -> dict:
         raise ConfigError(f"task.lmms_task={cfg.task.lmms_task}: lmms_eval has no such task"
                           + (f" (also searched {include})" if include else ""))
     spec = {"task": cfg.task.lmms_task, **OmegaConf.to_container(cfg.task.overrides, resolve=True)}
-    return dict(_leaf_tasks(get_task_dict([spec], manager)))
+    try:
+        return dict(_leaf_tasks(get_task_dict([spec], manager)))
+    except Exception as err:
+        cause = _root_cause(err)
+        if not _is_missing_data(cause):
+            raise
+        try:
+            task_config = {**manager._get_config(cfg.task.lmms_task), **spec}
+        except (KeyError, AttributeError, TypeError):  # private lmms_eval API; only for the message
+            task_config = spec
+        raise ConfigError(_missing_data_message(cfg, task_config, cause)) from err
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    last = getattr(err, "last_attempt", None)  # lmms_eval retries its download (tenacity)
+    return last.exception() if last is not None and last.failed else err
+
+
+def _is_missing_data(err: BaseException) -> bool:
+    """A dataset or its videos that are neither on disk nor downloadable (offline, no access)."""
+    import datasets
+    import huggingface_hub.errors as hub_errors
+
+    return isinstance(err, (hub_errors.LocalEntryNotFoundError, hub_errors.HfHubHTTPError,
+                            hub_errors.OfflineModeIsEnabled, datasets.exceptions.DatasetNotFoundError,
+                            ConnectionError, FileNotFoundError))
+
+
+def _missing_data_message(cfg: DictConfig, task_config: dict, cause: BaseException) -> str:
+    path, name = task_config.get("dataset_path"), task_config.get("dataset_name")
+    cache = (task_config.get("dataset_kwargs") or {}).get("cache_dir")
+    videos = os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), cache) if cache else None
+    what = (f"task={cfg.task.name}: the data of lmms_eval task {cfg.task.lmms_task} is not on disk: "
+            f"dataset {path}" + (f" (config {name})" if name else "")
+            + (f", videos expected under {videos}" if videos else "")
+            + f" ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}). ")
+    if not isinstance(path, str) or os.path.isabs(path) or path in ("json", "csv", "parquet", "text"):
+        return what + "Check the task's dataset_path / data_files (task.overrides)."
+    return what + (f"Get it on a connected machine with the same HF_HOME: run this task once there "
+                   f"(lmms_eval downloads and unpacks it), or `hf download --repo-type dataset {path}` "
+                   f"and unpack its video archives under {videos or '$HF_HOME'}; then set HF_HOME "
+                   f"(or task.env.HF_HOME) to that directory here.")
 
 
 def _leaf_tasks(task_dict):
@@ -156,6 +200,7 @@ def run(cfg: DictConfig) -> Path:
     from lmms_eval import evaluator
 
     from harness.calibrate import calibrate
+    from harness.feature_cache import FeatureCache
     from harness.llava import LlavaOneVision
     from harness.lmms_model import VTCModel
     from harness.loggers import make_logger
@@ -189,9 +234,11 @@ def run(cfg: DictConfig) -> Path:
     (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     run_dir.write("versions.json", versions())
 
+    features = (FeatureCache(Path(cfg.cache_dir) / "features", adapter.fingerprint)
+                if cfg.feature_cache else None)
     lm = VTCModel(adapter, compressor, run_dir, frames=cfg.model.frames,
                   max_new_tokens=cfg.model.max_new_tokens, tasks=tasks, metric=cfg.task.metric,
-                  live_score=cfg.task.live_score, progress=cfg.progress)
+                  live_score=cfg.task.live_score, progress=cfg.progress, feature_cache=features)
     results = evaluator.simple_evaluate(
         model=lm, tasks=list(tasks.values()), limit=cfg.task.limit, batch_size=1,
         log_samples=True, bootstrap_iters=0, verbosity="ERROR", random_seed=cfg.seed,

@@ -83,7 +83,9 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict) -> dict:
     scalar = [float(v) for v in per_sample if isinstance(v, (int, float))]
     ci = bootstrap_ci([to_100(v, cfg.task.scale, f"{task}.{key} (a sample)") for v in scalar],
                       seed=cfg.seed) if len(scalar) == len(per_sample) else None
-    timings = {name: _stats([r["timings"].get(name) for r in ok]) for name in TIMINGS}
+    # vision time is only meaningful where the encoder ran (not for features from the cache)
+    timings = {name: _stats([r["timings"].get(name) for r in ok
+                             if not (name == "vision" and r.get("vision_cached"))]) for name in TIMINGS}
     prefill = sum(r["timings"].get("prefill", 0.0) for r in ok)
     reference = find_reference_run(cfg, Path(cfg.results_dir), run_dir.path)
     return {
@@ -92,7 +94,7 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict) -> dict:
         "smoke": bool(cfg.model.smoke or cfg.task.smoke), "frames": cfg.model.frames,
         "limit": cfg.task.limit, "method": choice.name, "knobs": knobs, "label": choice.label,
         "target_retention": choice.target_retention,
-        "metric": key, "metric_native": native, "scale": cfg.task.scale,
+        "metric": key, "metric_native": native, "scale": cfg.task.scale, "judge": cfg.task.judge,
         "score": to_100(native, cfg.task.scale, f"{task}.{key}"), "score_ci95": ci,
         "n_samples": len(per_sample) or len(records), "n_failed": len(records) - len(ok),
         "failed": [{"key": r["key"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
@@ -100,6 +102,7 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict) -> dict:
                       for name in ("rho_tok", "rho_avg", "rho_flops")},
         "timings": timings,
         "seconds_per_sample": _stats([sum(r["timings"].values()) for r in ok]),
+        "n_vision_cached": sum(bool(r.get("vision_cached")) for r in ok),
         "compressor_share_of_prefill": (sum(r["timings"].get("compressor", 0.0) for r in ok) / prefill
                                         if prefill else None),
         "agreement_with_none": (1.0 if choice.name == "none" else

@@ -1,0 +1,50 @@
+"""On-disk cache of pooled vision features, so sweeping a compressor's knob skips the encoder.
+
+An entry is keyed by the model fingerprint (config, weight files, dtype, device type), the video
+file (absolute path, size, modification time), the number of frames, the preprocessing, and
+whether patch attention scores were computed; anything else cannot produce the same features, so
+an entry from a different model or config is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from harness.llava import Encoded
+from methods.base import VisualInput
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.root = Path(root) / fingerprint[:16]
+        self.fingerprint = fingerprint
+
+    def key(self, video: str, frames: int, preprocessing, patch_scores: bool) -> str:
+        st = Path(video).stat()
+        ident = {"model": self.fingerprint, "video": str(Path(video).resolve()), "size": st.st_size,
+                 "mtime": st.st_mtime_ns, "frames": frames, "pre": vars(preprocessing),
+                 "scores": patch_scores}
+        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    def load(self, key: str, device) -> Encoded | None:
+        path = self.root / f"{key}.pt"
+        if not path.is_file():
+            return None
+        entry = torch.load(path, map_location=device, weights_only=True)
+        visual = VisualInput(entry["features"], tuple(entry["grid"]), entry.get("patch_scores"))
+        return Encoded(visual, entry["newline"], {"vision": 0.0, "scoring": 0.0}, cached=True)
+
+    def save(self, key: str, encoded: Encoded) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        v = encoded.visual
+        entry = {"features": v.features.cpu(), "grid": list(v.grid), "newline": encoded.newline.cpu()}
+        if v.patch_scores is not None:
+            entry["patch_scores"] = v.patch_scores.cpu()
+        tmp = self.root / f"{key}.pt.{os.getpid()}.tmp"
+        torch.save(entry, tmp)
+        os.replace(tmp, self.root / f"{key}.pt")  # readers never see half an entry

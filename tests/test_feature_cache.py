@@ -1,0 +1,53 @@
+"""Cached vision features are exact, reused across a sweep, and never cross models or settings."""
+
+import os
+
+import torch
+
+from harness.feature_cache import FeatureCache
+from harness.llava import LlavaOneVision
+from harness.rundir import read_samples
+from harness.run import run
+
+
+def test_second_run_reuses_features_and_gives_identical_answers(cfg_factory):
+    first = run(cfg_factory("+method=uniform", "retention=0.5", "task.limit=4"))
+    second = run(cfg_factory("+method=uniform", "retention=0.25", "task.limit=4"))
+    uncached = run(cfg_factory("+method=uniform", "retention=0.25", "task.limit=4",
+                               "feature_cache=false", "run_id=uncached"))
+    assert all(r["vision_cached"] for r in read_samples(second / "samples.jsonl"))
+    assert not any(r["vision_cached"] for r in read_samples(uncached / "samples.jsonl"))
+    cached = {r["key"]: r["prediction"] for r in read_samples(second / "samples.jsonl")}
+    fresh = {r["key"]: r["prediction"] for r in read_samples(uncached / "samples.jsonl")}
+    assert cached == fresh
+    del first
+
+
+def test_entries_are_exact_and_keyed_by_everything_that_changes_features(tiny_model_dir, smoke_questions, tmp_path):
+    adapter = LlavaOneVision(str(tiny_model_dir))
+    video = str(smoke_questions.parent / "videos" / "clip_001.mp4")
+    cache = FeatureCache(tmp_path, adapter.fingerprint)
+    p = adapter.preprocessing
+    key = cache.key(video, 4, p, False)
+    encoded = adapter.encode_video(torch.randn(4, 3, 384, 384))
+    cache.save(key, encoded)
+    loaded = cache.load(key, "cpu")
+    assert loaded.cached and torch.equal(loaded.visual.features, encoded.visual.features)
+    assert torch.equal(loaded.newline, encoded.newline)
+    # another model, another frame count, patch scores, or a changed video file: other entries
+    other_model = FeatureCache(tmp_path, "0" * 40)
+    assert other_model.load(other_model.key(video, 4, p, False), "cpu") is None
+    assert cache.key(video, 8, p, False) != key
+    assert cache.key(video, 4, p, True) != key
+    st = os.stat(video)
+    os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    try:
+        assert cache.key(video, 4, p, False) != key
+    finally:
+        os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_fingerprint_changes_with_dtype(tiny_model_dir):
+    a = LlavaOneVision(str(tiny_model_dir))
+    b = LlavaOneVision(str(tiny_model_dir), dtype="bfloat16")
+    assert a.fingerprint != b.fingerprint
