@@ -49,7 +49,7 @@ def frame(summaries: list[dict]) -> pd.DataFrame:
             "rho_tok": ret["rho_tok"]["mean"] if ret["rho_tok"] else None,
             "rho_flops": ret["rho_flops"]["mean"] if ret["rho_flops"] else None,
             "agreement": s.get("agreement_with_none"),
-            "failed": s["n_failed"], "smoke": s["smoke"],
+            "failed": s["n_failed"], "smoke": s["smoke"], "judge": s.get("judge"),
         })
     return pd.DataFrame(rows)
 
@@ -101,6 +101,8 @@ def footnotes(df: pd.DataFrame) -> list[str]:
     notes = ["Scores on 0-100; (±x) is the difference to the uncompressed `none` row. "
              "Retention = mean achieved token retention rho_tok; FLOPs = prefill FLOPs ratio to `none`; "
              "Agree = share of answers equal to `none`'s."]
+    for benchmark, judges in df.dropna(subset=["judge"]).groupby("benchmark")["judge"]:
+        notes.append(f"{benchmark} is scored by a GPT judge: {', '.join(sorted(set(judges)))}.")
     if df["failed"].sum():
         notes.append("* this benchmark had failed samples (counted as wrong); see the run's summary.json.")
     if df["smoke"].any():

@@ -113,3 +113,10 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path, cache_dir):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_wandb_logs_offline(cfg_factory, tmp_path):
+    run_dir = run(cfg_factory("+method=uniform", "retention=0.5", "task.limit=2", "logger=wandb"))
+    offline = list((run_dir.parent / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("*.wandb"))  # the run's data file, ready for `wandb sync`
