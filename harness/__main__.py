@@ -11,13 +11,15 @@ from harness.llava import ModelLoadError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> str:
-    from harness.run import run, record_job_output
+def main(cfg: DictConfig):
+    from harness.run import record_job_error, record_job_output, run
 
     try:
         path = run(cfg)
     except (ConfigError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if record_job_error(err):  # in a sweep: this point is reported, the others still run
+            return None
         sys.exit(2)
     record_job_output(path)
     return str(path)

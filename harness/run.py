@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,11 @@ def choose_method(cfg: DictConfig) -> MethodChoice:
     target = None
     if cfg.tau is not None and "tau" not in spec:
         raise ConfigError(f"tau={cfg.tau}: method {name} has no knob tau (tau is Scissor's threshold)")
-    if cfg.retention is not None and spec.get("retention") != cfg.retention:
+    if cfg.retention is not None and spec.get("retention") != cfg.retention and cls.is_reference:
+        # a sweep over retention includes the reference once: every point is the same run
+        print(f"note: method {name} keeps every token; retention={cfg.retention} does not apply to it",
+              file=sys.stderr)
+    elif cfg.retention is not None and spec.get("retention") != cfg.retention:
         # the method does not take retention directly: it is reached by calibrating its knob
         if getattr(cls, "retention_via", None) is None:
             raise ConfigError(f"retention={cfg.retention}: method {name} has no retention to set")
@@ -60,8 +65,9 @@ def choose_method(cfg: DictConfig) -> MethodChoice:
     if target is not None:
         label = f"r={target:g}"
     else:
-        label = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.items()
-                         if k in getattr(cls, "label_knobs", spec.keys()))
+        short = {"retention": "r"}  # r=0.25 reads the same for every method in a table
+        label = ",".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in spec.items() if k in getattr(cls, "label_knobs", spec.keys()))
     return MethodChoice(name=name, knobs=spec, target_retention=target, label=label)
 
 
@@ -254,11 +260,31 @@ def run(cfg: DictConfig) -> Path:
     return run_dir.path
 
 
-def record_job_output(run_path: Path) -> None:
-    """Leave the run's results path in Hydra's job directory, for the sweep-end table."""
+def _job_dir() -> Path | None:
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
-        out = Path(HydraConfig.get().runtime.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    if not HydraConfig.initialized():
+        return None
+    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def record_job_error(err: Exception) -> bool:
+    """In a multirun, leave the error in the job's directory for the sweep table; True if so."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    out = _job_dir()
+    if out is None or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    (out / "error.txt").write_text(f"{overrides}\n{err}\n")
+    return True
+
+
+def record_job_output(run_path: Path) -> None:
+    """Leave the run's results path in Hydra's job directory, for the sweep-end table."""
+    out = _job_dir()
+    if out is not None:
         (out / "run_dir.txt").write_text(str(Path(run_path).resolve()) + "\n")

@@ -13,8 +13,12 @@ class SweepTable(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         pointers = sorted(sweep_dir.glob("*/run_dir.txt"))
-        if not pointers:
-            return
-        summaries = find_summaries([Path(p.read_text().strip()) for p in pointers])
-        markdown = write_tables(summaries, sweep_dir)
-        print(f"\nSweep table ({sweep_dir}/table.md, .tex, .csv):\n\n{markdown}", flush=True)
+        errors = [p.read_text().strip().replace("\n", ": ", 1) for p in sorted(sweep_dir.glob("*/error.txt"))]
+        if pointers:
+            summaries = find_summaries([Path(p.read_text().strip()) for p in pointers])
+            markdown = write_tables(summaries, sweep_dir)
+            print(f"\nSweep table ({sweep_dir}/table.md, .tex, .csv):\n\n{markdown}", flush=True)
+        if errors:
+            (sweep_dir / "errors.txt").write_text("\n".join(errors) + "\n")
+            print(f"{len(errors)} sweep point(s) did not run (listed in {sweep_dir}/errors.txt):\n  "
+                  + "\n  ".join(errors), flush=True)

@@ -33,6 +33,7 @@ class Compressor:
     name: ClassVar[str]
     stage: ClassVar[str] = "visual"
     needs_patch_scores: ClassVar[bool] = False  # ask the adapter for vision-encoder attention
+    is_reference: ClassVar[bool] = False  # the uncompressed reference (`none`): no retention applies
     seed: int = 0  # set by the harness; methods that sample draw from a generator seeded by it
 
     def compress(self, x: VisualInput) -> torch.Tensor:

@@ -10,6 +10,7 @@ from methods.base import Compressor, VisualInput
 @dataclass
 class NoCompression(Compressor):
     name = "none"
+    is_reference = True
 
     def compress(self, x: VisualInput):
         return x.features.flatten(0, 1)

@@ -13,12 +13,13 @@ from tests.conftest import CONF
 
 
 def group_overrides():
-    for path in sorted(CONF.rglob("*.yaml")):
+    # conf/sweep links to sweeps/; glob it explicitly (rglob does not follow directory links)
+    for path in sorted([*CONF.rglob("*.yaml"), *(CONF / "sweep").glob("*.yaml")]):
         rel = path.relative_to(CONF)
         if rel.parent == Path("."):
             continue
         group, name = str(rel.parent), rel.stem
-        yield ("+" if group == "method" else "") + f"{group}={name}"
+        yield ("+" if group in ("method", "sweep") else "") + f"{group}={name}"
 
 
 @pytest.mark.parametrize("override", list(group_overrides()))
@@ -56,12 +57,18 @@ def test_misspelt_method_knob_is_rejected():
     (["+method=uniform", "retention=0"], r"retention=0.*expected a value in \(0"),
     (["+method=uniform", "retention=1.2"], r"retention=1.2.*expected a value in \(0"),
     (["tau=0.9"], "method none has no knob tau"),
-    (["retention=0.5"], "method none has no retention"),
+    (["+method=topk", "tau=0.9"], "method topk has no knob tau"),
     (["+method=scissor", "tau=0.9", "retention=0.2"], "either tau=0.9 or retention=0.2"),
 ])
 def test_knob_out_of_range(overrides, message):
     with pytest.raises(ConfigError, match=message):
         choose_method(compose_cfg(*overrides))
+
+
+def test_the_reference_ignores_a_retention_target(capsys):
+    choice = choose_method(compose_cfg("retention=0.5"))  # a sweep point of `none`: same run
+    assert choice.name == "none" and choice.target_retention is None and choice.knobs == {}
+    assert "does not apply" in capsys.readouterr().err
 
 
 def test_top_level_knobs_reach_the_method():
@@ -76,6 +83,6 @@ def test_top_level_knobs_reach_the_method():
 def test_unknown_method_names_the_known_ones():
     with pytest.raises(Exception, match="scissor"):
         compose_cfg("+method=scisor")
-    cfg = compose_cfg("+method.name=foo")
+    cfg = compose_cfg("method.name=foo")
     with pytest.raises(ConfigError, match="unknown method, expected one of .*none.*scissor.*uniform"):
         choose_method(cfg)
