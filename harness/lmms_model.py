@@ -54,6 +54,10 @@ class VTCModel(lmms):
         self._last_video: tuple[str, Encoded] | None = None  # several requests of one document
         self.batch_size_per_gpu = 1
 
+    @property
+    def device(self):  # lmms_eval's collectives place their tensors here
+        return self.adapter.device
+
     # ---- media ----------------------------------------------------------------------------------
     def _video(self, visuals) -> Encoded:
         """The encoded video of a document: from memory, from the feature cache, or computed."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import methods
+from harness import distributed
 from harness.errors import ConfigError
 from harness.rundir import RunDir
 from harness.summary import summarize, summary_line
@@ -214,15 +215,16 @@ def run(cfg: DictConfig) -> Path:
 
     choice = choose_method(cfg)
     check_task_requirements(cfg)
+    rank, world_size = distributed.world()
     rid = cfg.run_id or run_id(cfg, choice)
-    run_dir = RunDir(Path(cfg.results_dir) / rid)
-    if not cfg.resume and run_dir.samples_path.exists():
-        run_dir.samples_path.unlink()
-    prepare_task_data(cfg)
+    run_dir = RunDir(Path(cfg.results_dir) / rid, rank=rank)
+    with distributed.main_process_first():  # shared files are written once
+        if not cfg.resume and rank == 0:
+            run_dir.clear_samples()
+        prepare_task_data(cfg)
+        if cfg.model.build_tiny:
+            build_tiny_model(cfg.model.path, seed=cfg.seed)
     tasks = load_tasks(cfg)
-
-    if cfg.model.build_tiny:
-        build_tiny_model(cfg.model.path, seed=cfg.seed)
     adapter = LlavaOneVision(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
                              attn_implementation=cfg.model.attn_implementation)
     knobs = dict(choice.knobs)
@@ -233,12 +235,13 @@ def run(cfg: DictConfig) -> Path:
     compressor = methods.build(choice.name, **knobs)
     compressor.seed = cfg.seed
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_dir.write("config.json", {"config": resolved, "method": {
-        "name": choice.name, "knobs": knobs, "label": choice.label,
-        "target_retention": choice.target_retention, "calibration": calibration}})
-    (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    run_dir.write("versions.json", versions())
+    if rank == 0:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        run_dir.write("config.json", {"config": resolved, "world_size": world_size, "method": {
+            "name": choice.name, "knobs": knobs, "label": choice.label,
+            "target_retention": choice.target_retention, "calibration": calibration}})
+        (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        run_dir.write("versions.json", versions())
 
     features = (FeatureCache(Path(cfg.cache_dir) / "features", adapter.fingerprint)
                 if cfg.feature_cache else None)
@@ -248,6 +251,7 @@ def run(cfg: DictConfig) -> Path:
     results = evaluator.simple_evaluate(
         model=lm, tasks=list(tasks.values()), limit=cfg.task.limit, batch_size=1,
         log_samples=True, bootstrap_iters=0, verbosity="ERROR", random_seed=cfg.seed,
+        distributed_executor_backend="torchrun",
         numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
     run_dir.close()
     if results is None:  # a non-zero rank in a distributed run: rank 0 writes the results

@@ -38,15 +38,25 @@ def read_samples(path: Path) -> list[dict]:
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    """`rank` > 0 (data-parallel runs) appends to its own samples file; reads see every rank's."""
+
+    def __init__(self, path: str | Path, rank: int = 0):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.samples_path = self.path / SAMPLES
+        self.samples_path = self.path / (SAMPLES if rank == 0 else f"samples.rank{rank}.jsonl")
         self._file = None
+
+    def _all_records(self) -> list[dict]:
+        files = [self.path / SAMPLES, *sorted(self.path.glob("samples.rank*.jsonl"))]
+        return [r for f in files for r in read_samples(f)]
+
+    def clear_samples(self) -> None:
+        for f in [self.path / SAMPLES, *self.path.glob("samples.rank*.jsonl")]:
+            f.unlink(missing_ok=True)
 
     def completed(self) -> dict[str, dict]:
         """Successful samples already on disk, by key (failed ones are tried again)."""
-        return {r["key"]: r for r in read_samples(self.samples_path) if r.get("status") == "ok"}
+        return {r["key"]: r for r in self._all_records() if r.get("status") == "ok"}
 
     def append(self, record: dict) -> None:
         if self._file is None:
@@ -62,7 +72,7 @@ class RunDir:
     def samples(self) -> list[dict]:
         """The latest record of every sample key."""
         latest = {}
-        for record in read_samples(self.samples_path):
+        for record in self._all_records():
             latest[record["key"]] = record
         return list(latest.values())
 

@@ -8,6 +8,7 @@ reads back with decord like any benchmark video.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _clip(colour, direction, rng: random.Random) -> np.ndarray:
 def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
     import av
 
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format="mp4") as container:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
@@ -61,17 +62,19 @@ def generate(data_dir: str | Path, clips: int = 24, seed: int = 0) -> Path:
         return questions
     rng = random.Random(seed)
     (data_dir / "videos").mkdir(parents=True, exist_ok=True)
+    suffix = f".{os.getpid()}.tmp"  # concurrent writers never share a half-written file
     rows = []
     for i in range(clips):
         colour, direction = rng.choice(sorted(COLOURS)), rng.choice(sorted(DIRECTIONS))
         video = data_dir / "videos" / f"clip_{i:03d}.mp4"
-        write_mp4(video, _clip(colour, direction, rng))
+        write_mp4(video.with_suffix(suffix), _clip(colour, direction, rng))
+        os.replace(video.with_suffix(suffix), video)
         kind = "colour" if i % 2 == 0 else "direction"
         answer, choices = (colour, sorted(COLOURS)) if kind == "colour" else (direction, sorted(DIRECTIONS))
         question, options, letter = _question(kind, answer, choices, rng)
         rows.append({"id": f"clip_{i:03d}", "video": str(video), "kind": kind,
                      "question": question, "options": options, "answer": letter})
-    tmp = questions.with_suffix(".tmp")
+    tmp = questions.with_suffix(suffix)
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(questions)  # the file's presence marks a complete data set
+    os.replace(tmp, questions)  # the file's presence marks a complete data set
     return questions

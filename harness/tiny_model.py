@@ -10,6 +10,8 @@ Its answers are random: it exists to exercise the harness, never to produce a nu
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -63,7 +65,7 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory
-    tmp = directory.with_name(directory.name + ".building")
+    tmp = directory.with_name(f"{directory.name}.building-{os.getpid()}")
     tokenizer = _byte_level_tokenizer()
     s = TINY_SHAPE
     vision = SiglipVisionConfig(
@@ -100,5 +102,8 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     }))
     (tmp / "SMOKE_MODEL.txt").write_text(
         f"Randomly initialised LLaVA-OneVision (seed {seed}) for smoke tests. Not a trained model.\n")
-    tmp.rename(directory)
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process finished first: its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
