@@ -257,7 +257,7 @@ def run(cfg: DictConfig) -> Path:
     if results is None:  # a non-zero rank in a distributed run: rank 0 writes the results
         return run_dir.path
     run_dir.write("lmms_eval_results.json", {k: v for k, v in results.items() if k != "samples"})
-    summary = summarize(cfg, choice, knobs, run_dir, results)
+    summary = summarize(cfg, choice, knobs, run_dir, results, tasks)
     run_dir.write("summary.json", summary)
     make_logger(cfg).log_run(cfg, summary, run_dir)
     print(summary_line(summary), flush=True)

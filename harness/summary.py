@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import sys
 import statistics
 from pathlib import Path
 
@@ -33,14 +36,49 @@ def metric_value(results: dict, task: str, metric: str) -> tuple[str, float]:
     return keys[0], per_task[keys[0]]
 
 
-def bootstrap_ci(values, iters: int = 1000, seed: int = 0) -> list[float] | None:
-    """95 % percentile bootstrap interval of the mean (fixed seed)."""
-    values = np.asarray([v for v in values if v is not None], dtype=float)
+def bootstrap_ci(values, statistic=None, iters: int = 1000, seed: int = 0) -> list[float] | None:
+    """95 % percentile bootstrap interval of `statistic` (default: the mean) over samples.
+
+    `statistic` takes a list of per-sample values; for benchmarks whose per-sample metric is a
+    record (VideoMME, MLVU, ...) it is the task's own lmms_eval aggregation.
+    """
     if len(values) < 2:
         return None
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(iters, len(values)))].mean(1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    draws = rng.integers(0, len(values), size=(iters, len(values)))
+    if statistic is None:
+        stats = np.asarray(values, dtype=float)[draws].mean(1)
+    else:
+        from loguru import logger  # lmms_eval's aggregations log every call
+
+        logger.disable("lmms_eval")
+        try:
+            stats = np.array([statistic([values[i] for i in draw]) for draw in draws])
+        finally:
+            logger.enable("lmms_eval")
+    return [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
+
+
+def score_ci(cfg, task_obj, key: str, per_sample: list) -> list[float] | None:
+    """The score's 95 % CI on 0-100, bootstrapping the task's own lmms_eval aggregation over the
+    per-sample records (a plain mean for scalar metrics aggregated by their mean)."""
+    where = f"{cfg.task.lmms_task}.{key}"
+    aggregate = task_obj.aggregation().get(cfg.task.metric) if task_obj is not None else None
+    scalar = all(isinstance(v, (int, float)) for v in per_sample)
+    if scalar and (aggregate is None or aggregate.__name__ == "mean"):
+        return bootstrap_ci([to_100(float(v), cfg.task.scale, where) for v in per_sample],
+                            seed=cfg.seed)
+    if aggregate is None:
+        return None
+    if "args" in inspect.signature(aggregate).parameters:  # aggregations that may write files
+        aggregate = functools.partial(aggregate, args=None)
+    try:
+        return bootstrap_ci(per_sample, lambda vs: to_100(aggregate(vs), cfg.task.scale, where),
+                            seed=cfg.seed)
+    except (AttributeError, TypeError) as err:  # it needs lmms_eval's CLI arguments: no CI
+        print(f"note: no confidence interval for {where}: its aggregation cannot be re-run "
+              f"outside lmms_eval ({type(err).__name__}: {err})", file=sys.stderr)
+        return None
 
 
 def _stats(values) -> dict | None:
@@ -74,15 +112,13 @@ def find_reference_run(cfg, results_dir: Path, this: Path) -> Path | None:
     return None
 
 
-def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict) -> dict:
+def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: dict) -> dict:
     task = cfg.task.lmms_task
     records = [r for r in run_dir.samples() if r["task"] == task]
     ok = [r for r in records if r.get("status") == "ok"]
     key, native = metric_value(results, task, cfg.task.metric)
     per_sample = [s.get(cfg.task.metric) for s in results.get("samples", {}).get(task, [])]
-    scalar = [float(v) for v in per_sample if isinstance(v, (int, float))]
-    ci = bootstrap_ci([to_100(v, cfg.task.scale, f"{task}.{key} (a sample)") for v in scalar],
-                      seed=cfg.seed) if len(scalar) == len(per_sample) else None
+    ci = score_ci(cfg, tasks.get(task), key, per_sample)
     # vision time is only meaningful where the encoder ran (not for features from the cache)
     timings = {name: _stats([r["timings"].get(name) for r in ok
                              if not (name == "vision" and r.get("vision_cached"))]) for name in TIMINGS}

@@ -201,6 +201,8 @@ def _check_run(cfg, fx, run_dir) -> dict:
     assert summary["metric"].split(",")[0] == metric and summary["scale"] == scale
     assert summary["score"] == pytest.approx(100 * summary["metric_native"] / scale)
     assert 0 <= summary["score"] <= 100
+    low, high = summary["score_ci95"]  # bootstrapped through the task's own aggregation
+    assert 0 <= low <= high <= 100
     assert summary["n_samples"] == len(fx["rows"]) and summary["n_failed"] == 1
     (failed,) = summary["failed"]
     assert failed["key"].startswith(f"{lmms_task}/{fx['bad_doc_id']}/")  # the sample's id
