@@ -7,6 +7,16 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 
+def sweep_name() -> str | None:
+    """The multirun's directory name, so W&B groups a sweep's runs into one study."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return "sweep-" + Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
 class NoLogger:
     def log_run(self, cfg, summary: dict, run_dir) -> None:
         pass
@@ -35,7 +45,8 @@ class WandbLogger:
         directory = Path(self.conf.dir or Path(cfg.results_dir) / "wandb")
         directory.mkdir(parents=True, exist_ok=True)
         run = wandb.init(project=self.conf.project, entity=self.conf.entity, mode=self.conf.mode,
-                         group=self.conf.group, name=summary["run_id"], dir=str(directory),
+                         group=self.conf.group or sweep_name(), name=summary["run_id"],
+                         job_type="run", dir=str(directory),
                          config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
         run.summary.update(flatten(summary))
         columns = ["key", "status", "prediction", "target", "score", "rho_tok", "rho_flops",
@@ -48,6 +59,30 @@ class WandbLogger:
                            t.get("compressor"), t.get("prefill"), t.get("decode"))
         run.log({"samples": table})
         run.finish()
+
+
+def log_sweep(conf, results_dir: Path, sweep_dir: Path, summaries: list[dict]) -> None:
+    """One W&B run for the whole sweep: the combined table and accuracy-vs-retention plots."""
+    import wandb
+
+    from harness.plots import runs_frame
+
+    directory = Path(conf.dir or results_dir / "wandb")
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "sweep-" + sweep_dir.name
+    run = wandb.init(project=conf.project, entity=conf.entity, mode=conf.mode, group=conf.group or name,
+                     name=name, job_type="sweep", dir=str(directory), reinit="finish_previous")
+    df = runs_frame(summaries)
+    run.log({"sweep/runs": wandb.Table(dataframe=df)})
+    for bench, part in df.groupby("benchmark"):
+        methods = sorted(part["method"].unique())
+        lines = [part[part["method"] == m].sort_values("rho_tok") for m in methods]
+        run.log({f"sweep/{bench}/accuracy_vs_retention": wandb.plot.line_series(
+            xs=[(100 * ln["rho_tok"]).tolist() for ln in lines], ys=[ln["score"].tolist() for ln in lines],
+            keys=methods, title=f"{bench}: score vs token retention", xname="token retention (%)")})
+    for png in sorted(sweep_dir.glob("*.png")):
+        run.log({f"sweep/plots/{png.stem}": wandb.Image(str(png))})
+    run.finish()
 
 
 def make_logger(cfg):

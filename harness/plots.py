@@ -13,14 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; notebooks: inline
+import pandas as pd
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness.summary import TIMINGS  # noqa: E402
-from harness.table import find_summaries  # noqa: E402
+from harness.summary import TIMINGS
+from harness.table import find_summaries
 
 X_AXES = {"rho_tok": "achieved token retention (%)", "rho_flops": "prefill FLOPs ratio (%)"}
 

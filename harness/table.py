@@ -117,7 +117,7 @@ def write_tables(summaries: list[dict], out_dir: Path, ci: bool = False) -> str:
     df = frame(summaries)
     table = paper_table(df, ci=ci)
     notes = footnotes(df)
-    markdown = table.to_markdown(index=False) + "\n\n" + "\n".join(f"{n}  " for n in notes) + "\n"
+    markdown = table.to_markdown(index=False, disable_numparse=True) + "\n\n" + "\n".join(f"{n}  " for n in notes) + "\n"
     (out_dir / "table.md").write_text(markdown)
     latex = table.style.hide(axis="index").to_latex(hrules=True, column_format="l" * len(table.columns))
     latex = latex.replace("%", r"\%").replace("_", r"\_")

@@ -1,0 +1,29 @@
+"""The results notebook executes on smoke results (table, plots, cost breakdown)."""
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from harness.run import run
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_results_notebook_runs_on_smoke_results(cfg_factory, tmp_path):
+    for overrides in (["task.limit=3"], ["+method=uniform", "retention=0.25", "task.limit=3"]):
+        run(cfg_factory(*overrides))
+    nb = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
+    os.environ["VTC_RESULTS"] = str(tmp_path / "results")
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    finally:
+        del os.environ["VTC_RESULTS"]
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("2 runs under" in o.get("text", "") for o in outputs)
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3  # two accuracy plots and the cost breakdown
