@@ -37,7 +37,8 @@ class Compressor:
     seed: int = 0  # set by the harness; methods that sample draw from a generator seeded by it
 
     def compress(self, x: VisualInput) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} is a {self.stage}-stage method")
+        """(M, D) tokens for the LLM; visual-stage methods override this."""
+        raise TypeError(f"{type(self).__name__} is a {self.stage}-stage method: it has no compress()")
 
     def knobs(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
