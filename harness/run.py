@@ -218,6 +218,13 @@ def run(cfg: DictConfig) -> Path:
     rank, world_size = distributed.world()
     rid = cfg.run_id or run_id(cfg, choice)
     run_dir = RunDir(Path(cfg.results_dir) / rid, rank=rank)
+    done = run_dir.read("summary.json") if cfg.resume else None
+    if done is not None and not done["n_failed"] and len(run_dir.completed()) >= done["n_samples"]:
+        # a finished run (e.g. a restarted sweep's earlier point): nothing to load or compute;
+        # runs with failed samples go on, to try those again
+        if rank == 0:
+            print(summary_line(done) + " (already complete)", flush=True)
+        return run_dir.path
     with distributed.main_process_first():  # shared files are written once
         if not cfg.resume and rank == 0:
             run_dir.clear_samples()

@@ -66,7 +66,7 @@ def test_multirun_writes_the_table(tmp_path, cache_dir, tiny_model_dir, smoke_qu
     assert "Sweep table" in proc.stdout
 
 
-def test_rerun_resumes_without_recomputing(cfg_factory):
+def test_rerun_resumes_without_recomputing(cfg_factory, capsys):
     cfg = cfg_factory("+method=uniform", "retention=0.25", "task.limit=6")
     run_dir = run(cfg)
     lines = (run_dir / "samples.jsonl").read_text().splitlines()
@@ -77,8 +77,9 @@ def test_rerun_resumes_without_recomputing(cfg_factory):
     after = (run_dir / "samples.jsonl").read_text().splitlines()
     assert after[:3] == lines[:3]  # untouched
     assert len(read_samples(run_dir / "samples.jsonl")) == 6  # three recomputed, not six
-    run(cfg)  # complete: nothing recomputed
+    run(cfg)  # complete: nothing recomputed, not even loaded
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == len(after)
+    assert "(already complete)" in capsys.readouterr().out
 
 
 def test_bad_videos_fail_their_sample_and_the_run_goes_on(cfg_factory, tmp_path, smoke_questions):

@@ -1,0 +1,280 @@
+"""Scissor (LLaVA-Scissor): token compression with semantic connected components, vectorised.
+
+Spec: shared/spec/scissor.md. Pure tensor code on the device of its input: no Python loop over
+tokens or edges. The reference code finds components with a Python union-find over the edges;
+here they come from min-label propagation on the dense boolean adjacency, a few full passes
+over an (n, n) byte matrix, which costs little next to the similarity products themselves.
+
+Graph decisions (normalisation, similarities, thresholds, argmax) and means are computed in
+float32 for float32/bfloat16/float16 input (in float64 for float64 input); the output has the
+input's dtype.
+
+Where the spec leaves room, this module (and tests/scissor_reference.py) does the following:
+- cos(i, i) is its exact value, 1 (0 for a zero token), not the rounded product, so A[i, i] is
+  (1 > tau), as in exact arithmetic; zero tokens have cosine 0 to everything, so for tau < 0
+  they join every token, as the spec's definition says.
+- an edge is A[i, j] or A[j, i]: the rounded product U @ U.T may be asymmetric by one ulp.
+- the sample S of an SCC call is the first s entries of torch.randperm(n, generator), drawn
+  only when s < n: one draw per frame in frame order, then one for the temporal call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from methods import register
+from methods.base import Compressor, VisualInput, check_range
+
+__all__ = ["sample_size", "scissor_compress", "semantic_connected_components"]
+
+
+def sample_size(n: int, epsilon: float) -> int:
+    """`s = min(n, ceil(ln(n) / epsilon^2))`, with s = 1 for n = 1 (spec, SCC step 3)."""
+    if n <= 1:
+        return n
+    return min(n, math.ceil(math.log(n) / (epsilon * epsilon)))
+
+
+@torch.no_grad()
+def scissor_compress(features: torch.Tensor, tau: float, epsilon: float = 0.05,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Compress (F, N, D) video tokens to (M, D): spatial SCC per frame, temporal SCC, merge.
+
+    `generator` is drawn from only in the sampled regime (an SCC call with s < n), once per such
+    call; None means torch's default CPU generator. The same seed gives the same output.
+    """
+    _check_args(tau, epsilon)
+    x = _check_features(features)
+    frames, per_frame, dim = x.shape
+    flat = x.reshape(frames * per_frame, dim)
+
+    # 1. Spatial: one batched SCC over all frames; component ids run in frame order.
+    units = _unit_rows(x)
+    comp, k = _scc(units, tau, epsilon, generator)
+    reps = _segment_mean(flat, comp, k)
+
+    # 2. Temporal: SCC over the spatial representatives, each counted once.
+    comp_t, m = _scc(_unit_rows(reps)[None], tau, epsilon, generator)
+    merged = _segment_mean(reps, comp_t, m)
+
+    # 3. Merge: every original token joins its most similar representative (ties: smallest j;
+    # argmax returns the first maximum).
+    sims = units.reshape(frames * per_frame, dim) @ _unit_rows(merged).T
+    assign = sims.argmax(dim=1)
+    del sims
+    counts = torch.bincount(assign, minlength=m).to(merged.dtype)
+    out = merged.index_add_(0, assign, flat)
+    out /= (counts + 1).unsqueeze(1)
+    return out.to(features.dtype)
+
+
+@torch.no_grad()
+def semantic_connected_components(tokens: torch.Tensor, tau: float, epsilon: float = 0.05,
+                                  generator: torch.Generator | None = None
+                                  ) -> tuple[torch.Tensor, int]:
+    """`SCC(V, tau, epsilon)` of the spec on (n, D) tokens, without the means.
+
+    Returns (labels, count): labels is a LongTensor (n,) giving each token's component index in
+    the spec's component order (step 5), count the number of components.
+    """
+    _check_args(tau, epsilon)
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens: expected a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dim() != 2 or 0 in tokens.shape:
+        raise ValueError("tokens: expected a non-empty (n, D) tensor, "
+                         f"got shape {tuple(tokens.shape)}")
+    if not tokens.is_floating_point():
+        raise TypeError(f"tokens: expected a floating-point tensor, got {tokens.dtype}")
+    x = tokens.to(_compute_dtype(tokens.dtype))
+    return _scc(_unit_rows(x)[None], tau, epsilon, generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_args(tau: float, epsilon: float) -> None:
+    check_range("scissor.tau", tau, -1.0, 1.0)
+    check_range("scissor.epsilon", epsilon, 0.0, math.inf, low_open=True, high_open=True)
+    for name, value in (("tau", tau), ("epsilon", epsilon)):
+        if math.isnan(value):  # compares false with everything, so check_range lets it through
+            raise ValueError(f"scissor.{name}=nan: expected a number")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_features(features) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features: expected a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 3 or 0 in features.shape:
+        raise ValueError("features: expected a non-empty (F, N, D) tensor, "
+                         f"got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
+    return features.to(_compute_dtype(features.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# SCC
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their L2 norm; zero rows stay zero (cosine 0 to everything)."""
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / torch.where(norms > 0, norms, 1.0)
+
+
+def _segment_mean(x: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
+    """Unweighted mean of the rows of `x` in each of `count` groups given by `index`."""
+    sums = torch.zeros(count, x.shape[1], dtype=x.dtype, device=x.device)
+    sums.index_add_(0, index, x)
+    sizes = torch.bincount(index, minlength=count).to(x.dtype)
+    return sums.div_(sizes.unsqueeze(1))
+
+
+def _scc(units: torch.Tensor, tau: float, epsilon: float,
+         generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+    """Components of B independent graphs, one per batch row of `units` (B, n, D).
+
+    Returns (comp, count): comp (B*n,) is each node's component index, components numbered
+    batch by batch and, within a batch, in the spec's order; count is their total.
+    """
+    batch, n, _ = units.shape
+    device = units.device
+    step = _row_step(batch, n, device)
+
+    # Steps 1-2: adjacency. The self-similarity is set to its exact value, 1 (0 for a zero
+    # token, whose unit row is zero), so that round-off cannot flip A[i, i] when tau is near 1.
+    sims = torch.matmul(units, units.mT)
+    diag = sims.diagonal(dim1=-2, dim2=-1)
+    diag.copy_(diag > 0)
+    adj = sims > tau
+    del sims, diag
+    bytes_ = adj.view(torch.uint8)
+    deg = torch.empty(batch, n, dtype=_label_dtype(n), device=device)
+    for i in range(0, n, step):
+        torch.sum(bytes_[:, i:i + step], dim=-1, dtype=deg.dtype, out=deg[:, i:i + step])
+
+    # Steps 3-4: keep the edges incident to the sample S (none dropped when s = n).
+    s = sample_size(n, epsilon)
+    if s < n:
+        in_sample = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        for b in range(batch):  # one draw per SCC call, in frame order
+            pick = torch.randperm(n, generator=generator, device=gen_device)[:s]
+            in_sample[b, pick.to(device)] = True
+        for i in range(0, n, step):
+            adj[:, i:i + step] &= in_sample[:, i:i + step, None] | in_sample[:, None, :]
+    # Self-loops change no component and give every row a true entry.
+    adj.diagonal(dim1=-2, dim2=-1).fill_(True)
+    labels = _min_label_components(adj, step)
+    del adj, bytes_
+
+    # Step 5: a component's key is its member with the largest degree, ties to the smallest
+    # index. Mark each key member as its component's "head": heads in node order are the
+    # components in key order, so a running count numbers them.
+    idx = torch.arange(n, device=device)
+    score = deg.long() * n + (n - 1 - idx)  # larger degree first, then smaller index
+    best = torch.full((batch, n), -1, dtype=torch.long, device=device)
+    best.scatter_reduce_(1, labels, score, reduce="amax")
+    head = (n - 1 - best.remainder(n)).gather(1, labels)  # (B, n): the key of each node's component
+    number = (head == idx).flatten().cumsum(0) - 1
+    count = int(number[-1]) + 1
+    offsets = torch.arange(batch, device=device).unsqueeze(1) * n
+    return number[(head + offsets).flatten()], count
+
+
+def _label_dtype(n: int) -> torch.dtype:
+    """The smallest integer type holding 0..n: passes over the adjacency are memory-bound."""
+    return torch.int16 if n < 2**15 else torch.int32
+
+
+def _row_step(batch: int, n: int, device: torch.device) -> int:
+    """Rows per block for passes over a (batch, n, n) adjacency.
+
+    On CPU, blocks of about 2**20 entries keep each block's temporaries in cache; on other
+    devices one block does.
+    """
+    if device.type != "cpu":
+        return n
+    return max(1, min(n, 2**20 // (batch * n)))
+
+
+def _min_label_components(adj: torch.Tensor, step: int) -> torch.Tensor:
+    """Connected components of B graphs given as (B, n, n) bool with a true diagonal.
+
+    The graph is A or A.T: `adj` need not be exactly symmetric (a similarity product can be off
+    by one ulp across the diagonal), each edge counts in both directions.
+
+    Returns labels (B, n): the smallest node index of each node's component. Labels form a forest
+    whose pointers go to smaller indices. Each round finds, for every node, the smallest label
+    among its neighbours (a masked max of n - label over its row and its column, in row blocks),
+    hooks each tree root to the smallest label seen by any of its members and flattens the trees
+    by pointer jumping. A tree touching a smaller-labelled one hooks at once, and one that only
+    touches larger-labelled ones is hooked onto or, one round later, sees a smaller label: every
+    tree merges within two rounds, so there are O(log n) rounds, typically two or three. It
+    stops when every node's neighbours carry its own label (one host sync per round).
+    """
+    batch, n, _ = adj.shape
+    device = adj.device
+    dtype = _label_dtype(n)
+    bytes_ = adj.view(torch.uint8)
+    block = torch.empty(batch, min(step, n), n, dtype=dtype, device=device)
+    row_best = torch.empty(batch, n, dtype=dtype, device=device)
+    col_best = torch.empty(batch, n, dtype=dtype, device=device)
+    col_part = torch.empty(batch, n, dtype=dtype, device=device)
+    jumps = max(1, (n - 1).bit_length())  # enough to flatten any forest of depth < n
+    labels = torch.arange(n, device=device).repeat(batch, 1)
+    while True:
+        weight = (n - labels).to(dtype)  # in [1, n]: the larger, the smaller the label
+        col_best.zero_()
+        for i in range(0, n, step):
+            rows = bytes_[:, i:i + step]
+            prod = block[:, : rows.shape[1]]
+            torch.mul(rows, weight.unsqueeze(1), out=prod)  # A[i, j] * weight[j]
+            torch.amax(prod, dim=-1, out=row_best[:, i:i + step])
+            torch.mul(rows, weight[:, i:i + step].unsqueeze(2), out=prod)  # A[i, j] * weight[i]
+            torch.amax(prod, dim=-2, out=col_part)
+            torch.maximum(col_best, col_part, out=col_best)
+        smallest = n - torch.maximum(row_best, col_best).long()
+        if torch.equal(smallest, labels):
+            return labels
+        labels = _flatten(labels.scatter_reduce(1, labels, smallest, reduce="amin"), jumps)
+
+
+def _flatten(parent: torch.Tensor, jumps: int) -> torch.Tensor:
+    """Point every node at its root by pointer jumping (a fixed count: no host sync)."""
+    for _ in range(jumps):
+        parent = parent.gather(1, parent)
+    return parent
+
+
+# ----------------------------------------------------------------------------------------------
+# The compressor
+
+
+@register
+@dataclass
+class Scissor(Compressor):
+    """`+method=scissor tau=0.9`, or `retention=r` to calibrate tau to a token retention."""
+
+    name = "scissor"
+    retention_via = "tau"  # a requested retention is reached by bisecting tau
+    retention_range = (-1.0, 1.0)  # tau = -1 merges (almost) everything, tau = 1 nothing
+    label_knobs = ("tau",)
+    tau: float = 0.9
+    epsilon: float = 0.05
+
+    def __post_init__(self):
+        _check_args(self.tau, self.epsilon)
+
+    def compress(self, x: VisualInput) -> torch.Tensor:
+        # a fresh generator per video: the sampled regime depends on the seed, never on which
+        # samples ran before (resume and data-parallel shards give the same tokens)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        return scissor_compress(x.features, self.tau, self.epsilon, generator)
