@@ -134,7 +134,8 @@ def calibrate(cfg, choice, adapter, tasks: dict, cache_dir: Path) -> dict:
     knob = cls.retention_via
     low, high = cls.retention_range
     fixed = {k: v for k, v in choice.knobs.items() if k != knob}
-    key = {"model": cfg.model.path, "task": cfg.task.lmms_task, "frames": cfg.model.frames,
+    key = {"model": cfg.model.path, "weights": adapter.fingerprint, "task": cfg.task.lmms_task,
+           "frames": cfg.model.frames,
            "size": cfg.task.calibration_size, "method": choice.name, "fixed": fixed,
            "target": choice.target_retention, "seed": cfg.seed}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -155,8 +155,9 @@ def summary_line(s: dict) -> str:
         ("[SMOKE: random model] " if s["smoke"] else "") + f"{s['task']}",
         f"{s['model']}",
         f"{s['method']}" + (f" {s['label']}" if s["label"] else ""),
-        f"retention {100 * ret['mean']:.1f}% (rho_tok, {100 * ret['min']:.1f}-{100 * ret['max']:.1f})"
-        if ret else "retention n/a",
+        f"retention {100 * ret['mean']:.1f}% (rho_tok, {100 * ret['min']:.1f}-{100 * ret['max']:.1f}; "
+        f"rho_avg {100 * s['retention']['rho_avg']['mean']:.1f}%, "
+        f"FLOPs {100 * s['retention']['rho_flops']['mean']:.1f}%)" if ret else "retention n/a",
         f"score {s['score']:.1f}" + (f" [{s['score_ci95'][0]:.1f}, {s['score_ci95'][1]:.1f}]"
                                      if s["score_ci95"] else ""),
         f"{sec['mean']:.3f} s/sample" if sec else "n/a s/sample",

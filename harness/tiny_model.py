@@ -32,8 +32,12 @@ CHAT_TEMPLATE = (
 
 TINY_SHAPE = dict(
     vision_hidden=32, vision_layers=2, vision_heads=2,
-    text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=2,
+    text_hidden=64, text_layers=8, text_heads=4, text_kv_heads=2,
 )
+
+
+def _recipe(seed: int) -> str:
+    return "recipe: " + json.dumps({"shape": TINY_SHAPE, "seed": seed, "version": 2}, sort_keys=True)
 
 
 def _byte_level_tokenizer():
@@ -63,8 +67,12 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
                               Qwen2Config, SiglipVisionConfig)
 
     directory = Path(directory)
-    if (directory / "config.json").exists():
+    recipe = _recipe(seed)
+    marker = directory / "SMOKE_MODEL.txt"
+    if marker.is_file() and recipe in marker.read_text():
         return directory
+    if directory.exists():  # built by an older recipe (other shape or seed): replace it
+        shutil.rmtree(directory)
     tmp = directory.with_name(f"{directory.name}.building-{os.getpid()}")
     tokenizer = _byte_level_tokenizer()
     s = TINY_SHAPE
@@ -101,7 +109,7 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         "size": {"height": 384, "width": 384}, "rescale_factor": 1 / 255,
     }))
     (tmp / "SMOKE_MODEL.txt").write_text(
-        f"Randomly initialised LLaVA-OneVision (seed {seed}) for smoke tests. Not a trained model.\n")
+        f"Randomly initialised LLaVA-OneVision for smoke tests. Not a trained model.\n{recipe}\n")
     try:
         tmp.rename(directory)
     except OSError:  # another process finished first: its copy is identical

@@ -17,6 +17,7 @@ from harness.video import preprocess, read_frames
 from methods.fastv import FastV, keep_for_flops_ratio, last_token_attention
 
 FRAMES = 4
+LAYERS = 8  # decoder layers of the tiny smoke model (harness/tiny_model.py)
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 
 
@@ -62,8 +63,9 @@ def test_bad_knobs_are_rejected(knobs, message):
 
 
 def test_k_at_or_beyond_the_llm_depth_is_an_error(adapter, pixels):
-    with pytest.raises(ValueError, match="fastv.K=4: expected K < 4"):
-        prefill(adapter, pixels, FastV(K=4))
+    depth = adapter.config.text_config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"fastv.K={depth}: expected K < {depth}"):
+        prefill(adapter, pixels, FastV(K=depth))
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def test_keep_one_reproduces_the_unpruned_logits(adapter, pixels, K, use_cache):
     with torch.no_grad():
         expected = adapter.model(inputs_embeds=embeds).logits
     torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
-    assert run.layer_video_tokens == [FRAMES * 196] * 4
+    assert run.layer_video_tokens == [FRAMES * 196] * LAYERS
 
 
 @pytest.mark.parametrize("K, keep", [(2, 0.25), (1, 0.1), (3, 0.5)])
@@ -90,20 +92,20 @@ def test_layers_from_k_on_process_only_the_kept_tokens(adapter, pixels, K, keep)
             h.remove()
     total, video, k = embeds.shape[1], FRAMES * 196, round(keep * FRAMES * 196)
     assert end - start == video
-    assert seen == [total] * K + [total - video + k] * (4 - K)
-    assert run.layer_video_tokens == [video] * K + [k] * (4 - K)
+    assert seen == [total] * K + [total - video + k] * (LAYERS - K)
+    assert run.layer_video_tokens == [video] * K + [k] * (LAYERS - K)
     assert run.video_tokens_out == k and out.logits.shape[1] == 1
     # text tokens (the trailing newline at `end` included) are never pruned
     kept = set(out.kept.tolist())
     assert set(range(start)) | set(range(end, total)) <= kept and len(kept) == total - video + k
     numbers = retention_numbers(video, run.text_tokens, run.layer_video_tokens, 64, 128)
     assert numbers["rho_tok"] == pytest.approx(k / video)
-    assert numbers["rho_avg"] == pytest.approx((K + (4 - K) * k / video) / 4)
+    assert numbers["rho_avg"] == pytest.approx((K + (LAYERS - K) * k / video) / LAYERS)
 
 
 def test_at_least_one_video_token_is_kept(adapter, pixels):
     _, (start, end), run, out = prefill(adapter, pixels, FastV(keep=1e-6), use_cache=False)
-    assert run.layer_video_tokens == [784, 784, 1, 1]
+    assert run.layer_video_tokens == [784, 784] + [1] * (LAYERS - 2)
     assert sum(start <= p < end for p in out.kept.tolist()) == 1
 
 
@@ -193,7 +195,7 @@ def test_cached_decoding_matches_masked_full_recompute(adapter, eager, pixels, K
     assert tokens  # the random model does not stop at once: decoding was exercised
     # every token decoded above is in the cache: all of them below K, kept + generated from K on
     assert [layer.keys.shape[-2] for layer in cache.layers] == (
-        [embeds.shape[1]] * K + [len(kept) + len(tokens)] * (4 - K))
+        [embeds.shape[1]] * K + [len(kept) + len(tokens)] * (LAYERS - K))
 
     text, run = adapter.generate(pixels, QUESTION, compressor, max_new_tokens=steps)
     assert text == adapter.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -213,7 +215,7 @@ def test_loglikelihood_scores_the_answer_on_the_pruned_sequence(adapter, eager, 
     total = embeds.shape[1]
     expected = sum(logp[total - n - 1 + i, ids[-n + i]].item() for i in range(n))
     assert logprob == pytest.approx(expected, rel=0, abs=1e-5)  # wrong positions: ~1e-4 off
-    assert run.layer_video_tokens == [784, 784, 196, 196]
+    assert run.layer_video_tokens == [784, 784] + [196] * (LAYERS - 2)
 
 
 # ---- retention by FLOPs matching ----------------------------------------------------------------
@@ -221,8 +223,8 @@ def test_loglikelihood_scores_the_answer_on_the_pruned_sequence(adapter, eager, 
     (0.5, 2, 28, 100, 32 * 196, 3584, 18944),  # LLaVA-OneVision-7B, 32 frames
     (0.2, 2, 28, 100, 32 * 196, 3584, 18944),
     (0.3, 3, 24, 87.5, 16 * 196, 896, 4864),  # 0.5B
-    (0.75, 2, 4, 60, 8 * 196, 64, 128),  # the tiny smoke model
-    (1.0, 2, 4, 60, 8 * 196, 64, 128),
+    (0.75, 2, LAYERS, 60, 8 * 196, 64, 128),  # the tiny smoke model
+    (1.0, 2, LAYERS, 60, 8 * 196, 64, 128),
 ])
 def test_keep_for_flops_ratio_reproduces_the_target(target, K, layers, text, video, d, m):
     keep = keep_for_flops_ratio(target, K, layers, text, video, d, m)
@@ -255,13 +257,13 @@ def test_retention_target_calibrates_keep_by_flops(cfg_factory, adapter):
     lengths = calibration_text_tokens(adapter, tasks, cfg.task.calibration_size)
     assert len(lengths) == cfg.task.calibration_size
     video = cfg.model.frames * 196
-    expected = keep_for_flops_ratio(0.6, 2, 4, sum(lengths) / len(lengths), video, 64, 128)
+    expected = keep_for_flops_ratio(0.6, 2, LAYERS, sum(lengths) / len(lengths), video, 64, 128)
     assert result["knobs"] == {"keep": pytest.approx(expected)}
     assert result["achieved_on_calibration"] == pytest.approx(0.6, abs=0.005)
 
-    # with K=2 of 4 layers unpruned, 50 % of the prefill FLOPs is already spent: an error
-    cfg = cfg_factory("+method=fastv", "retention=0.5")
-    with pytest.raises(ConfigError, match=r"retention=0.5 .*smallest reachable is 5\d\.\d\d%"):
+    # with K=2 of 8 layers unpruned, 25 % of the prefill FLOPs is already spent: an error
+    cfg = cfg_factory("+method=fastv", "retention=0.2")
+    with pytest.raises(ConfigError, match=r"retention=0.2 .*smallest reachable is 2\d\.\d\d%"):
         calibrate(cfg, choose_method(cfg), adapter, tasks, cache_dir=None)
 
 
