@@ -37,7 +37,7 @@ TINY_SHAPE = dict(
 
 
 def _recipe(seed: int) -> str:
-    return "recipe: " + json.dumps({"shape": TINY_SHAPE, "seed": seed, "version": 2}, sort_keys=True)
+    return "recipe: " + json.dumps({"shape": TINY_SHAPE, "seed": seed, "version": 3}, sort_keys=True)
 
 
 def _byte_level_tokenizer():
@@ -97,9 +97,14 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
-    # Random init leaves image_newline at zeros-ish scale; give it the same scale as the embeddings.
     with torch.no_grad():
+        # Random init leaves image_newline at zeros-ish scale; give it the embeddings' scale.
         model.model.image_newline.normal_(0.0, 0.02)
+        # Make the option letters loud in the output head, so the random model answers with
+        # letters (which one still depends on the video) and the smoke scores move with the
+        # compression instead of being 0 everywhere.
+        letters = tokenizer.convert_tokens_to_ids(list("ABCD"))
+        model.lm_head.weight[letters] *= 50.0
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
