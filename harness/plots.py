@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; noteb
 import pandas as pd
 
 from harness.summary import TIMINGS
-from harness.table import find_summaries
+from harness.table import summaries_or_none
 
 X_AXES = {"rho_tok": "achieved token retention (%)", "rho_flops": "prefill FLOPs ratio (%)"}
 
@@ -87,10 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="where to write (default: first path)")
     parser.add_argument("--format", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"])
     args = parser.parse_args(argv)
-    try:
-        summaries = find_summaries(args.paths)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    summaries = summaries_or_none(args.paths)
+    if summaries is None:
         return 2
     for path in write_plots(summaries, args.out or Path(args.paths[0]), args.format):
         print(path)

@@ -36,6 +36,15 @@ def find_summaries(paths) -> list[dict]:
     return list(found.values())
 
 
+def summaries_or_none(paths) -> list[dict] | None:
+    """For the command lines: the summaries, or None after printing one error line."""
+    try:
+        return find_summaries(paths)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def frame(summaries: list[dict]) -> pd.DataFrame:
     """One row per run: method, setting, benchmark label, score, CI, retention, FLOPs, failures."""
     rows = []
@@ -133,10 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="where to write the tables (default: first path)")
     parser.add_argument("--ci", action="store_true", help="show 95%% bootstrap intervals")
     args = parser.parse_args(argv)
-    try:
-        summaries = find_summaries(args.paths)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    summaries = summaries_or_none(args.paths)
+    if summaries is None:
         return 2
     print(write_tables(summaries, args.out or Path(args.paths[0]), ci=args.ci))
     return 0

@@ -47,7 +47,7 @@ def scissor_compress(features: torch.Tensor, tau: float, epsilon: float = 0.05,
     call; None means torch's default CPU generator. The same seed gives the same output.
     """
     _check_args(tau, epsilon)
-    x = _check_features(features)
+    x = _checked_tensor(features, "features", "(F, N, D)")
     frames, per_frame, dim = x.shape
     flat = x.reshape(frames * per_frame, dim)
 
@@ -81,14 +81,7 @@ def semantic_connected_components(tokens: torch.Tensor, tau: float, epsilon: flo
     the spec's component order (step 5), count the number of components.
     """
     _check_args(tau, epsilon)
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"tokens: expected a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dim() != 2 or 0 in tokens.shape:
-        raise ValueError("tokens: expected a non-empty (n, D) tensor, "
-                         f"got shape {tuple(tokens.shape)}")
-    if not tokens.is_floating_point():
-        raise TypeError(f"tokens: expected a floating-point tensor, got {tokens.dtype}")
-    x = tokens.to(_compute_dtype(tokens.dtype))
+    x = _checked_tensor(tokens, "tokens", "(n, D)")
     return _scc(_unit_rows(x)[None], tau, epsilon, generator)
 
 
@@ -108,15 +101,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_features(features) -> torch.Tensor:
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features: expected a torch.Tensor, got {type(features).__name__}")
-    if features.dim() != 3 or 0 in features.shape:
-        raise ValueError("features: expected a non-empty (F, N, D) tensor, "
-                         f"got shape {tuple(features.shape)}")
-    if not features.is_floating_point():
-        raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
-    return features.to(_compute_dtype(features.dtype))
+def _checked_tensor(value, name: str, shape: str) -> torch.Tensor:
+    """`value` as a non-empty floating tensor of the given rank, in the compute dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != shape.count(",") + 1 or 0 in value.shape:
+        raise ValueError(f"{name}: expected a non-empty {shape} tensor, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+    return value.to(_compute_dtype(value.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
