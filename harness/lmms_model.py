@@ -128,8 +128,8 @@ class VTCModel(lmms):
                 # several lmms_eval tasks (videomme, mlvu, egoschema, activitynetqa) sys.exit() on a
                 # missing video: that is one failed sample, not the end of the run
                 raise SampleError(f"doc_to_visual failed: {type(err).__name__}: {err}") from err
-            result, run, prediction = answer_one(self._video(visuals), context, arg1, doc)
-            record.update(status="ok", result=result, prediction=prediction, **self._measurements(run))
+            result, run, fields = answer_one(self._video(visuals), context, arg1, doc)
+            record.update(status="ok", result=result, **fields, **self._measurements(run))
         except (VideoError, SampleError, torch.OutOfMemoryError) as err:
             record.update(status="failed", reason=f"{type(err).__name__}: {err}",
                           result=self._failed_result(req), prediction=None)
@@ -157,7 +157,7 @@ class VTCModel(lmms):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
             text, run = self.adapter.generate(video, context, self.compressor, max_new, until)
-            return text, run, text
+            return text, run, {"prediction": text}
 
         return self._run(requests, "generate_until", answer)
 
@@ -166,7 +166,7 @@ class VTCModel(lmms):
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             logprob, greedy, run = self.adapter.loglikelihood(video, context, continuation,
                                                               self.compressor)
-            return [logprob, greedy], run, continuation
+            return [logprob, greedy], run, {"prediction": None, "continuation": continuation}
 
         return self._run(requests, "loglikelihood", answer)
 
