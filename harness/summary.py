@@ -99,6 +99,13 @@ def agreement(records: list[dict], reference: list[dict]) -> float | None:
     return sum(a.strip() == b.strip() for a, b in pairs) / len(pairs)
 
 
+def live_score_mismatches(records: list[dict], logged: list[dict], metric: str) -> list:
+    """Doc ids whose score written at completion differs from lmms_eval's own final scoring."""
+    live = {r["doc_id"]: r["score"] for r in records if r.get("score") is not None}
+    return sorted(s["doc_id"] for s in logged if s["doc_id"] in live
+                  and isinstance(s.get(metric), (int, float)) and abs(live[s["doc_id"]] - s[metric]) > 1e-9)
+
+
 def find_reference_run(cfg, results_dir: Path, this: Path) -> Path | None:
     """The `none` run of the same model, task, frames and limit, if one has finished."""
     for summary_file in sorted(results_dir.glob("*/summary.json")):
@@ -117,8 +124,14 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: d
     records = [r for r in run_dir.samples() if r["task"] == task]
     ok = [r for r in records if r.get("status") == "ok"]
     key, native = metric_value(results, task, cfg.task.metric)
-    per_sample = [s.get(cfg.task.metric) for s in results.get("samples", {}).get(task, [])]
+    logged = results.get("samples", {}).get(task, [])
+    per_sample = [s.get(cfg.task.metric) for s in logged]
     ci = score_ci(cfg, tasks.get(task), key, per_sample)
+    mismatched = live_score_mismatches(records, logged, cfg.task.metric)
+    if mismatched:
+        print(f"warning: {len(mismatched)} per-sample scores written as samples completed differ from "
+              f"lmms_eval's final scoring (doc ids {mismatched[:10]}); the summary uses lmms_eval's",
+              file=sys.stderr)
     # vision time is only meaningful where the encoder ran (not for features from the cache)
     timings = {name: _stats([r["timings"].get(name) for r in ok
                              if not (name == "vision" and r.get("vision_cached"))]) for name in TIMINGS}
@@ -134,6 +147,7 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: d
         "score": to_100(native, cfg.task.scale, f"{task}.{key}"), "score_ci95": ci,
         "n_samples": len(per_sample) or len(records), "n_failed": len(records) - len(ok),
         "failed": [{"key": r["key"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
+        "live_score_mismatches": mismatched,
         "retention": {name: _stats([r["retention"][name] for r in ok])
                       for name in ("rho_tok", "rho_avg", "rho_flops")},
         "timings": timings,

@@ -48,6 +48,7 @@ def test_literal_command_writes_the_run(tmp_path, cache_dir, tiny_model_dir, smo
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "scissor" and summary["knobs"]["tau"] == 0.9
     assert summary["score"] == pytest.approx(100 * sum(r["score"] for r in records) / 24)
+    assert summary["live_score_mismatches"] == []  # live scores agree with lmms_eval's own
     versions = json.loads((run_dir / "versions.json").read_text())
     assert {"harness_git", "torch", "transformers", "lmms_eval"} <= set(versions)
 
