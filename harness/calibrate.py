@@ -22,27 +22,33 @@ import torch
 import methods
 from harness.errors import ConfigError
 from harness.rundir import write_json
-from harness.video import VideoError, preprocess, read_frames
+from harness.feature_cache import encode_file
+from harness.video import VideoError
 
 TOLERANCE = 0.01  # +-1 percentage point of token retention
 log = logging.getLogger(__name__)
 
 
-def calibration_features(adapter, tasks: dict, size: int, frames: int):
+def calibration_size(cfg) -> int:
+    """The first `task.calibration_size` documents, or all evaluated ones when `task.limit` is
+    smaller (then the calibration set is exactly what the run evaluates)."""
+    size = cfg.task.calibration_size
+    return min(size, cfg.task.limit) if cfg.task.limit else size
+
+
+def calibration_features(adapter, tasks: dict, size: int, frames: int, cache=None):
     """Pooled features of the first `size` videos of the task (videos that fail are skipped)."""
     features = []
     for task in tasks.values():
         for doc in task.eval_docs:
             if len(features) == size:
                 return features
-            visuals = task.doc_to_visual(doc)
             try:
-                pixels = preprocess(read_frames(visuals[0], frames), adapter.preprocessing.size,
-                                    adapter.preprocessing.mean, adapter.preprocessing.std)
+                encoded = encode_file(adapter, task.doc_to_visual(doc)[0], frames, False, cache)
             except VideoError as err:
                 log.warning("calibration skips a video: %s", err)
                 continue
-            features.append(adapter.encode(pixels)[0])
+            features.append(encoded.visual)
     if not features:
         raise ConfigError("retention targeting found no readable video in the task to calibrate on")
     return features
@@ -106,7 +112,7 @@ def flops_matched_keep(cfg, choice, adapter, tasks: dict) -> dict:
     text_cfg = adapter.config.text_config
     d, m, layers = text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_hidden_layers
     video = cfg.model.frames * adapter.tokens_per_frame
-    lengths = calibration_text_tokens(adapter, tasks, cfg.task.calibration_size)
+    lengths = calibration_text_tokens(adapter, tasks, calibration_size(cfg))
     text = sum(lengths) / len(lengths)
     try:
         keep = keep_for_flops_ratio(choice.target_retention, K, layers, text, video, d, m)
@@ -122,12 +128,12 @@ def flops_matched_keep(cfg, choice, adapter, tasks: dict) -> dict:
           f"{100 * achieved:.2f}% on {len(lengths)} calibration prompts)")
     return {"knobs": {"keep": keep}, "achieved_on_calibration": achieved, "measure": "rho_flops",
             "key": {"model": cfg.model.path, "task": cfg.task.lmms_task, "frames": cfg.model.frames,
-                    "size": cfg.task.calibration_size, "method": choice.name, "K": K,
+                    "size": calibration_size(cfg), "method": choice.name, "K": K,
                     "target": choice.target_retention},
             "samples": len(lengths), "text_tokens": text}
 
 
-def calibrate(cfg, choice, adapter, tasks: dict, cache_dir: Path) -> dict:
+def calibrate(cfg, choice, adapter, tasks: dict, cache_dir: Path, feature_cache=None) -> dict:
     cls = methods.REGISTRY[choice.name]
     if getattr(cls, "retention_via", None) == "keep":  # FastV: analytic, from token counts
         return flops_matched_keep(cfg, choice, adapter, tasks)
@@ -136,7 +142,7 @@ def calibrate(cfg, choice, adapter, tasks: dict, cache_dir: Path) -> dict:
     fixed = {k: v for k, v in choice.knobs.items() if k != knob}
     key = {"model": cfg.model.path, "weights": adapter.fingerprint, "task": cfg.task.lmms_task,
            "frames": cfg.model.frames,
-           "size": cfg.task.calibration_size, "method": choice.name, "fixed": fixed,
+           "size": calibration_size(cfg), "method": choice.name, "fixed": fixed,
            "target": choice.target_retention, "seed": cfg.seed}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = cache_dir / "calibration" / f"{choice.name}-{digest}.json"
@@ -144,7 +150,7 @@ def calibrate(cfg, choice, adapter, tasks: dict, cache_dir: Path) -> dict:
         cached = json.loads(path.read_text())
         log.info("calibration cache hit %s: %s", path, cached["knobs"])
         return cached
-    features = calibration_features(adapter, tasks, cfg.task.calibration_size, cfg.model.frames)
+    features = calibration_features(adapter, tasks, calibration_size(cfg), cfg.model.frames, feature_cache)
     value, achieved, trace = bisect_knob(
         lambda v: mean_retention(choice.name, {**fixed, knob: v}, features, cfg.seed),
         low, high, choice.target_retention)

@@ -43,7 +43,7 @@ class TaskConf:
     env: Dict[str, str] = field(default_factory=dict)  # set before the task loads (HF_HOME, ...)
     judge: Optional[str] = None  # the model that scores answers (GPT-judged tasks); recorded
     smoke: bool = False
-    calibration_size: int = 8  # samples used to calibrate tau to a target retention
+    calibration_size: int = 32  # documents used to calibrate a knob to a target retention
 
 
 @dataclass

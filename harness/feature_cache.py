@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from harness.llava import Encoded
+from harness.video import VideoError, preprocess, read_frames
 from methods.base import VisualInput
 
 
@@ -48,3 +49,19 @@ class FeatureCache:
         tmp = self.root / f"{key}.pt.{os.getpid()}.tmp"
         torch.save(entry, tmp)
         os.replace(tmp, self.root / f"{key}.pt")  # readers never see half an entry
+
+
+def encode_file(adapter, path: str, frames: int, patch_scores: bool,
+                cache: FeatureCache | None) -> Encoded:
+    """The encoded video at `path`: from the cache when it holds it, else read, encoded, stored."""
+    if not Path(path).is_file():
+        raise VideoError(f"video file not found: {path}")
+    p = adapter.preprocessing
+    key = cache.key(path, frames, p, patch_scores) if cache is not None else None
+    encoded = cache.load(key, adapter.device) if key else None
+    if encoded is None:
+        encoded = adapter.encode_video(preprocess(read_frames(path, frames), p.size, p.mean, p.std),
+                                       patch_scores)
+        if key:
+            cache.save(key, encoded)
+    return encoded

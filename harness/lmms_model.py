@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from harness.feature_cache import FeatureCache
+from harness.feature_cache import FeatureCache, encode_file
 from harness.llava import Encoded, LlavaOneVision, VideoPass
 from harness.retention import retention_numbers
 from harness.rundir import RunDir, sample_key
-from harness.video import VideoError, preprocess, read_frames
+from harness.video import VideoError
 from methods.base import Compressor
 
 
@@ -68,17 +67,8 @@ class VTCModel(lmms):
         path = visuals[0]
         if self._last_video is not None and self._last_video[0] == path:
             return replace(self._last_video[1], timings={}, cached=True)
-        if not Path(path).is_file():
-            raise VideoError(f"video file not found: {path}")
-        want_scores = self.compressor.needs_patch_scores
-        p = self.adapter.preprocessing
-        key = self.feature_cache.key(path, self.frames, p, want_scores) if self.feature_cache else None
-        encoded = self.feature_cache.load(key, self.adapter.device) if key else None
-        if encoded is None:
-            pixels = preprocess(read_frames(path, self.frames), p.size, p.mean, p.std)
-            encoded = self.adapter.encode_video(pixels, want_scores)
-            if key:
-                self.feature_cache.save(key, encoded)
+        encoded = encode_file(self.adapter, path, self.frames, self.compressor.needs_patch_scores,
+                              self.feature_cache)
         self._last_video = (path, encoded)
         return encoded
 

@@ -235,9 +235,12 @@ def run(cfg: DictConfig) -> Path:
     adapter = LlavaOneVision(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
                              attn_implementation=cfg.model.attn_implementation)
     knobs = dict(choice.knobs)
+    features = (FeatureCache(Path(cfg.cache_dir) / "features", adapter.fingerprint)
+                if cfg.feature_cache else None)
     calibration = None
     if choice.target_retention is not None:
-        calibration = calibrate(cfg, choice, adapter, tasks, cache_dir=Path(cfg.cache_dir))
+        calibration = calibrate(cfg, choice, adapter, tasks, cache_dir=Path(cfg.cache_dir),
+                                feature_cache=features)
         knobs.update(calibration["knobs"])
     compressor = methods.build(choice.name, **knobs)
     compressor.seed = cfg.seed
@@ -250,8 +253,6 @@ def run(cfg: DictConfig) -> Path:
         (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         run_dir.write("versions.json", versions())
 
-    features = (FeatureCache(Path(cfg.cache_dir) / "features", adapter.fingerprint)
-                if cfg.feature_cache else None)
     lm = VTCModel(adapter, compressor, run_dir, frames=cfg.model.frames,
                   max_new_tokens=cfg.model.max_new_tokens, tasks=tasks, metric=cfg.task.metric,
                   live_score=cfg.task.live_score, progress=cfg.progress, feature_cache=features)
