@@ -73,7 +73,7 @@ def bisect_knob(measure, low: float, high: float, target: float, steps: int = 40
                           f"{100 * r_low:.2f}%-{100 * r_high:.2f}% over its knob range [{low}, {high}]")
     best = min(trace, key=lambda t: abs(t[1] - target))
     for _ in range(steps):
-        if abs(best[1] - target) <= TOLERANCE:
+        if abs(best[1] - target) <= TOLERANCE / 4:  # well inside the +-1 point window
             break
         mid = (low + high) / 2
         r_mid = measure(mid)

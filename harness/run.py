@@ -79,6 +79,7 @@ def run_id(cfg: DictConfig, choice: MethodChoice) -> str:
         "task": {"lmms_task": cfg.task.lmms_task, "limit": cfg.task.limit,
                  "overrides": OmegaConf.to_container(cfg.task.overrides, resolve=True)},
         "method": choice.name, "knobs": choice.knobs, "target": choice.target_retention,
+        "calibration_size": cfg.task.calibration_size if choice.target_retention else None,
         "seed": cfg.seed,
     }
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -245,6 +246,14 @@ def run(cfg: DictConfig) -> Path:
     compressor = methods.build(choice.name, **knobs)
     compressor.seed = cfg.seed
 
+    earlier = run_dir.read("config.json")
+    if earlier is not None and earlier["method"]["knobs"] != knobs and rank == 0:
+        # a retention target calibrated to another knob value (e.g. a changed model or data):
+        # the samples on disk answer a different configuration
+        print(f"note: {run_dir.path.name} was run with {earlier['method']['knobs']}, now {knobs}: "
+              "starting its samples afresh", file=sys.stderr)
+        run_dir.clear_samples()
+    distributed.barrier()
     if rank == 0:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run_dir.write("config.json", {"config": resolved, "world_size": world_size, "method": {
