@@ -121,3 +121,20 @@ def test_wandb_logs_offline(cfg_factory, tmp_path):
     offline = list((run_dir.parent / "wandb" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb"))  # the run's data file, ready for `wandb sync`
+
+
+def test_smoke_sweep_end_to_end_with_table_plots_and_wandb(tmp_path, cache_dir, tiny_model_dir,
+                                                           smoke_questions):
+    results = tmp_path / "results"
+    proc = harness("-m", "+sweep=smoke", "task.limit=2", "logger=wandb", results=results, cache=cache_dir)
+    sweep = next((results / "sweeps").iterdir())
+    table = (sweep / "table.md").read_text()
+    for method in ("none", "scissor (r=0.5)", "fastv (r=0.5)", "topk (r=0.25)", "uniform (r=0.75)"):
+        assert f"| {method}" in table
+    for name in ("accuracy_vs_rho_tok", "accuracy_vs_rho_flops", "cost_breakdown"):
+        assert (sweep / f"{name}.png").is_file() and (sweep / f"{name}.pdf").is_file()
+    # FastV's 25 % point is below its floor on the tiny model: reported, the sweep went on
+    assert "fastv retention=0.25" in (sweep / "errors.txt").read_text().replace("+method=", "")
+    offline = list((results / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 12 + 1  # each run that computed (none once) + the sweep's study run
+    assert "Sweep table" in proc.stdout
