@@ -107,7 +107,7 @@ def spatial_count(x: torch.Tensor) -> int:
 def cpu_times(fns: dict, repeats: int) -> dict:
     """Minimum wall time (ms) of each function over interleaved repetitions, after a warm-up."""
     best = {}
-    for name, fn in fns.items():
+    for fn in fns.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():

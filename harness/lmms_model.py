@@ -51,7 +51,6 @@ class VTCModel(lmms):
         self.done = run_dir.completed()
         self.feature_cache = feature_cache
         self._last_video: tuple[str, Encoded] | None = None  # several requests of one document
-        self.batch_size_per_gpu = 1
 
     @property
     def device(self):  # lmms_eval's collectives place their tensors here
@@ -88,7 +87,7 @@ class VTCModel(lmms):
 
     # ---- the request loop -----------------------------------------------------------------------
     def _run(self, requests, request_type: str, answer_one):
-        results, scores, retentions = [], [], []
+        results, scored, score_sum, measured, retention_sum = [], 0, 0.0, 0, 0.0
         bar = tqdm(requests, desc=f"{request_type} ({self.compressor.name})", disable=not self.progress)
         for req in bar:
             context, arg1, doc_to_visual, doc_id, task_name, split = req.args
@@ -98,11 +97,11 @@ class VTCModel(lmms):
                 record = self._answer(req, key, answer_one)
             results.append(record["result"])
             if record.get("score") is not None:
-                scores.append(record["score"])
+                scored, score_sum = scored + 1, score_sum + record["score"]
             if record.get("retention"):
-                retentions.append(record["retention"]["rho_tok"])
-            bar.set_postfix(acc=f"{100 * sum(scores) / len(scores):.1f}" if scores else "-",
-                            ret=f"{100 * sum(retentions) / len(retentions):.1f}%" if retentions else "-")
+                measured, retention_sum = measured + 1, retention_sum + record["retention"]["rho_tok"]
+            bar.set_postfix(acc=f"{100 * score_sum / scored:.1f}" if scored else "-",
+                            ret=f"{100 * retention_sum / measured:.1f}%" if measured else "-")
         return [tuple(r) if isinstance(r, list) else r for r in results]
 
     def _answer(self, req, key, answer_one) -> dict:
