@@ -175,6 +175,10 @@ def summary_line(s: dict) -> str:
         f"score {s['score']:.1f}" + (f" [{s['score_ci95'][0]:.1f}, {s['score_ci95'][1]:.1f}]"
                                      if s["score_ci95"] else ""),
         f"{sec['mean']:.3f} s/sample" if sec else "n/a s/sample",
+        (f"compressor {1000 * s['timings']['compressor']['mean']:.2f} ms "
+         f"({100 * s['compressor_share_of_prefill']:.1f}% of prefill)")
+        if s["timings"].get("compressor") and s["compressor_share_of_prefill"] is not None
+        else "compressor n/a",
         f"{s['n_samples']} samples, {s['n_failed']} failed",
         f"-> {s['results_dir']}",
     ]

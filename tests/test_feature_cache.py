@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from harness.feature_cache import FeatureCache
@@ -34,6 +35,14 @@ def test_entries_are_exact_and_keyed_by_everything_that_changes_features(tiny_mo
     loaded = cache.load(key, "cpu")
     assert loaded.cached and torch.equal(loaded.visual.features, encoded.visual.features)
     assert torch.equal(loaded.newline, encoded.newline)
+    assert loaded.timings == {"vision": 0.0, "scoring": 0.0}
+    with_scores = adapter.encode_video(torch.randn(4, 3, 384, 384), want_patch_scores=True)
+    cache.save(cache.key(video, 4, p, True), with_scores)
+    reloaded = cache.load(cache.key(video, 4, p, True), "cpu")
+    assert torch.equal(reloaded.visual.patch_scores, with_scores.visual.patch_scores)
+    # scoring is compressor work: its measured time survives the cache, the encoder's does not
+    assert with_scores.timings["scoring"] > 0
+    assert reloaded.timings["scoring"] == pytest.approx(with_scores.timings["scoring"])
     # another model, another frame count, patch scores, or a changed video file: other entries
     other_model = FeatureCache(tmp_path, "0" * 40)
     assert other_model.load(other_model.key(video, 4, p, False), "cpu") is None
