@@ -27,7 +27,11 @@ DEFAULT_METHODS = ["none", "scissor:tau=0.9", "uniform:retention=0.25", "topk:re
 
 
 def parse_method(spec: str):
-    """'scissor:tau=0.9,epsilon=0.05' -> ('scissor', {'tau': 0.9, 'epsilon': 0.05})."""
+    """'scissor:tau=0.9,epsilon=0.05' -> ('scissor', {'tau': 0.9, 'epsilon': 0.05});
+    'uniform:retention=0.5+fastv:keep=0.3' -> a pipeline of the two."""
+    if "+" in spec:
+        parts = [parse_method(part) for part in spec.split("+")]
+        return "pipeline", {"stages": [n for n, _ in parts], **{n: k for n, k in parts}}
     name, _, knobs = spec.partition(":")
     parsed = {}
     for item in filter(None, knobs.split(",")):

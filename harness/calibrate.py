@@ -1,85 +1,129 @@
-"""Retention targeting: find the knob value whose mean achieved rho_tok hits a target.
+"""Retention targeting: set the knob a method declares so that a requested retention is reached.
 
-For a visual-stage method whose retention follows from a knob (Scissor's tau), bisect that knob on a
-fixed calibration subset of the task (the first `task.calibration_size` documents) until the mean
-token retention is within `TOLERANCE` of the target. Only the vision side runs: the LLM does not
-influence how many tokens a visual-stage compressor keeps. Results are cached per
-(model, task, frames, method, fixed knobs, target) under cache_dir/calibration/.
-
-FastV (`retention_via == "keep"`) is not bisected: its retention is a prefill FLOPs ratio, a closed
-form in the token counts, so `keep` is solved from the calibration prompts' mean text length.
+A method's `retention_knob` (methods/base.py) says how `retention=r` reaches it. A direct knob takes
+r itself. Any other knob is bisected on a fixed calibration subset of the task (the first
+`task.calibration_size` documents) until the mean of the knob's measure is within `TOLERANCE` of r:
+- rho_tok: the visual stage runs on the calibration videos' features (the LLM does not influence
+  how many tokens a visual stage keeps);
+- rho_flops: prefill FLOPs (methods/flops.py) from the calibration prompts' text lengths, the
+  visual stage's token counts, and the per-layer counts the prefill policy plans (FLOPs matching).
+The same search serves stacks (a pipeline's last tunable part, measured on the whole stack). No
+model forward runs. Results are cached per (model, task, frames, method and fixed knobs, target)
+under cache_dir/calibration/.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import methods
 from harness.errors import ConfigError
-from harness.rundir import write_json
 from harness.feature_cache import encode_file
+from harness.identity import digest
+from harness.rundir import write_json
 from harness.video import VideoError
+from methods.base import Compressor, VisualInput
+from methods.flops import LLMShape, retention_numbers
 
-TOLERANCE = 0.01  # +-1 percentage point of token retention
+TOLERANCE = 0.01  # +-1 percentage point of the measure
 log = logging.getLogger(__name__)
 
 
-def calibration_size(cfg) -> int:
+@dataclass
+class CalibrationSet:
+    """What the measures need from the first documents of the task."""
+
+    text_tokens: list[int]  # prompt tokens other than video tokens, per document
+    full_video: int  # F*N video tokens per video
+    visual: list[VisualInput] | None = None  # pooled features, when a visual stage must run
+
+
+def calibration_size(size: int, limit: int | None) -> int:
     """The first `task.calibration_size` documents, or all evaluated ones when `task.limit` is
     smaller (then the calibration set is exactly what the run evaluates)."""
-    size = cfg.task.calibration_size
-    return min(size, cfg.task.limit) if cfg.task.limit else size
+    return min(size, limit) if limit else size
 
 
-def calibration_features(adapter, tasks: dict, size: int, frames: int, cache=None):
-    """Pooled features of the first `size` videos of the task (videos that fail are skipped)."""
-    features = []
+def _documents(tasks: dict, size: int):
+    count = 0
     for task in tasks.values():
         for doc in task.eval_docs:
-            if len(features) == size:
-                return features
+            if count == size:
+                return
+            count += 1
+            yield task, doc
+
+
+def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: bool,
+                    needs: frozenset, cache=None) -> CalibrationSet:
+    """Text lengths (and, if asked, pooled features) of the first `size` documents of the task;
+    documents whose video fails are skipped."""
+    texts, visual = [], []
+    for task, doc in _documents(tasks, size):
+        if need_visual:
             try:
-                encoded = encode_file(adapter, task.doc_to_visual(doc)[0], frames, False, cache)
+                encoded = encode_file(adapter, task.doc_to_visual(doc)[0], frames, needs, cache)
             except VideoError as err:
                 log.warning("calibration skips a video: %s", err)
                 continue
-            features.append(encoded.visual)
-    if not features:
-        raise ConfigError("retention targeting found no readable video in the task to calibrate on")
-    return features
+            visual.append(encoded.visual)
+        texts.append(len(adapter.prompt_ids(task.doc_to_text(doc))[0]))
+    if not texts:
+        raise ConfigError("retention targeting found no usable document in the task to calibrate on")
+    return CalibrationSet(texts, frames * adapter.tokens_per_frame, visual if need_visual else None)
 
 
-def mean_retention(name: str, knobs: dict, features, seed: int) -> float:
-    compressor = methods.build(name, **knobs)
-    compressor.seed = seed
+def stack_retention(compressor: Compressor, video_tokens: int, full_video: int, text: int,
+                    shape: LLMShape) -> dict:
+    """The retention numbers of one prompt whose visual stage left `video_tokens` tokens, with the
+    per-layer counts the compressor's prefill policy plans."""
+    layers = [video_tokens] * shape.layers
+    if compressor.has("prefill"):
+        planned = compressor.prefill_policy(shape).planned(video_tokens)
+        if planned is None:
+            raise ConfigError(f"retention targeting: {compressor.title}'s prefill keeps a data-dependent "
+                              "number of tokens, so its knob cannot be matched without running the LLM; "
+                              "set the knob directly")
+        layers = planned
+    return retention_numbers(full_video, text, layers, shape)
+
+
+def mean_measure(compressor: Compressor, measure: str, data: CalibrationSet, shape: LLMShape) -> float:
+    values = []
     with torch.inference_mode():
-        kept = [compressor.compress(x).shape[0] / (x.features.shape[0] * x.features.shape[1])
-                for x in features]
-    return sum(kept) / len(kept)
+        for i, text in enumerate(data.text_tokens):
+            video = data.full_video
+            if data.visual is not None:
+                out = compressor.compress(data.visual[i])
+                video = (out.tokens if hasattr(out, "tokens") else out).shape[0]
+            values.append(stack_retention(compressor, video, data.full_video, text, shape)[measure])
+    return sum(values) / len(values)
 
 
-def bisect_knob(measure, low: float, high: float, target: float, steps: int = 40):
-    """Bisection for a knob whose retention grows with its value; returns (value, achieved, trace)."""
+def bisect_knob(measure, low: float, high: float, target: float, increasing: bool = True,
+                steps: int = 60, what: str = "the method", precision: float = TOLERANCE / 4):
+    """Bisection for a knob whose retention moves monotonically with its value (up if
+    `increasing`), until within `precision` of the target; returns (value, achieved, trace)."""
     trace = []
     r_low, r_high = measure(low), measure(high)
     trace += [(low, r_low), (high, r_high)]
-    if not r_low - TOLERANCE <= target <= r_high + TOLERANCE:
-        raise ConfigError(f"retention={target}: unreachable on this task; the method reaches "
-                          f"{100 * r_low:.2f}%-{100 * r_high:.2f}% over its knob range [{low}, {high}]")
+    lo_r, hi_r = min(r_low, r_high), max(r_low, r_high)
+    if not lo_r - TOLERANCE <= target <= hi_r + TOLERANCE:
+        raise ConfigError(f"retention={target}: unreachable on this task; {what} reaches "
+                          f"{100 * lo_r:.2f}%-{100 * hi_r:.2f}% over its knob range [{low}, {high}]")
     best = min(trace, key=lambda t: abs(t[1] - target))
     for _ in range(steps):
-        if abs(best[1] - target) <= TOLERANCE / 4:  # well inside the +-1 point window
+        if abs(best[1] - target) <= precision:  # well inside the +-1 point window
             break
         mid = (low + high) / 2
         r_mid = measure(mid)
         trace.append((mid, r_mid))
         best = min(best, (mid, r_mid), key=lambda t: abs(t[1] - target))
-        low, high = (mid, high) if r_mid < target else (low, mid)
+        low, high = (mid, high) if (r_mid < target) == increasing else (low, mid)
     if abs(best[1] - target) > TOLERANCE:
         raise ConfigError(f"retention={target}: the closest achievable mean retention is "
                           f"{100 * best[1]:.2f}% (knob={best[0]:.6f}); retention jumps past the "
@@ -87,77 +131,48 @@ def bisect_knob(measure, low: float, high: float, target: float, steps: int = 40
     return best[0], best[1], trace
 
 
-def calibration_text_tokens(adapter, tasks: dict, size: int) -> list[int]:
-    """Prompt lengths (text tokens, the video placeholder counted as the newline) of the first
-    `size` documents of the task."""
-    lengths = []
-    for task in tasks.values():
-        for doc in task.eval_docs:
-            if len(lengths) == size:
-                return lengths
-            lengths.append(len(adapter.prompt_ids(task.doc_to_text(doc))[0]))
-    if not lengths:
-        raise ConfigError("retention targeting found no document in the task to calibrate on")
-    return lengths
+def calibrate(compressor: Compressor, target: float, adapter, tasks: dict, *, frames: int, size: int,
+              identity: dict, cache_dir: Path | None = None, feature_cache=None) -> dict:
+    """The knob value for `target` retention: {"knobs": {knob: value}, ...} (cached on disk).
 
-
-def flops_matched_keep(cfg, choice, adapter, tasks: dict) -> dict:
-    """FastV: the `keep` whose prefill FLOPs ratio equals the target retention, solved from the
-    calibration prompts' mean text length and F*N video tokens (no model run, no bisection)."""
-    from harness.retention import retention_numbers
-    from methods.fastv import keep_for_flops_ratio
-
-    cls = methods.REGISTRY[choice.name]
-    K = choice.knobs.get("K", cls.K)
-    text_cfg = adapter.config.text_config
-    d, m, layers = text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_hidden_layers
-    video = cfg.model.frames * adapter.tokens_per_frame
-    lengths = calibration_text_tokens(adapter, tasks, calibration_size(cfg))
-    text = sum(lengths) / len(lengths)
-    try:
-        keep = keep_for_flops_ratio(choice.target_retention, K, layers, text, video, d, m)
-    except ValueError as err:
-        raise ConfigError(f"retention={choice.target_retention} ({choice.name} maps retention to "
-                          f"keep by prefill FLOPs): {err}") from err
-    kept = max(1, round(keep * video))  # what the method will keep, rounded as it rounds
-    achieved = [retention_numbers(video, t, [video] * K + [kept] * (layers - K), d, m)["rho_flops"]
-                for t in lengths]
-    achieved = sum(achieved) / len(achieved)
-    print(f"calibrated {choice.name} keep={keep:.6f} for retention {choice.target_retention:g} by "
-          f"FLOPs matching (K={K}, {text:.1f} text + {video} video tokens; rho_flops "
-          f"{100 * achieved:.2f}% on {len(lengths)} calibration prompts)")
-    return {"knobs": {"keep": keep}, "achieved_on_calibration": achieved, "measure": "rho_flops",
-            "key": {"model": cfg.model.path, "task": cfg.task.lmms_task, "frames": cfg.model.frames,
-                    "size": calibration_size(cfg), "method": choice.name, "K": K,
-                    "target": choice.target_retention},
-            "samples": len(lengths), "text_tokens": text}
-
-
-def calibrate(cfg, choice, adapter, tasks: dict, cache_dir: Path, feature_cache=None) -> dict:
-    cls = methods.REGISTRY[choice.name]
-    if getattr(cls, "retention_via", None) == "keep":  # FastV: analytic, from token counts
-        return flops_matched_keep(cfg, choice, adapter, tasks)
-    knob = cls.retention_via
-    low, high = cls.retention_range
-    fixed = {k: v for k, v in choice.knobs.items() if k != knob}
-    key = {"model": cfg.model.path, "weights": adapter.fingerprint, "task": cfg.task.lmms_task,
-           "frames": cfg.model.frames,
-           "size": calibration_size(cfg), "method": choice.name, "fixed": fixed,
-           "target": choice.target_retention, "seed": cfg.seed}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = cache_dir / "calibration" / f"{choice.name}-{digest}.json"
-    if path.is_file():
+    identity: what else fixes the answer (model path, task, seed), for the cache key.
+    """
+    spec = compressor.retention_knob
+    shape = LLMShape.of(adapter.config.text_config)
+    if compressor.has("prefill"):
+        try:
+            compressor.prefill_policy(shape)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    key = {**identity, "weights": adapter.fingerprint, "frames": frames, "size": size,
+           "method": compressor.name, "knobs": compressor.knobs(), "knob": spec.knob,
+           "measure": spec.measure, "target": target}
+    path = cache_dir / "calibration" / f"{compressor.name}-{digest(key)[:12]}.json" if cache_dir else None
+    if path is not None and path.is_file():
         cached = json.loads(path.read_text())
         log.info("calibration cache hit %s: %s", path, cached["knobs"])
         return cached
-    features = calibration_features(adapter, tasks, calibration_size(cfg), cfg.model.frames, feature_cache)
-    value, achieved, trace = bisect_knob(
-        lambda v: mean_retention(choice.name, {**fixed, knob: v}, features, cfg.seed),
-        low, high, choice.target_retention)
-    result = {"knobs": {knob: value}, "achieved_on_calibration": achieved, "key": key,
-              "samples": len(features), "trace": trace}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, result)
-    print(f"calibrated {choice.name} {knob}={value:.6f} for retention {choice.target_retention:g} "
-          f"(achieved {100 * achieved:.2f}% on {len(features)} calibration videos; cached in {path})")
+    need_visual = compressor.has("visual")
+    data = calibration_set(adapter, tasks, size, frames, need_visual, compressor.needs,
+                           feature_cache)
+
+    def measure(value):
+        try:
+            return mean_measure(compressor.with_knob(spec.knob, value), spec.measure, data, shape)
+        except ValueError as err:  # a knob value the method rejects (e.g. its range)
+            raise ConfigError(str(err)) from err
+
+    # analytic FLOPs are cheap to evaluate: match them much more closely than the window asks
+    precision = 1e-5 if spec.measure == "rho_flops" else TOLERANCE / 4
+    value, achieved, trace = bisect_knob(measure, spec.low, spec.high, target, spec.increasing,
+                                         what=f"{compressor.title} ({spec.measure} over {spec.knob})",
+                                         precision=precision)
+    result = {"knobs": {spec.knob: value}, "achieved_on_calibration": achieved,
+              "measure": spec.measure, "key": key, "samples": len(data.text_tokens), "trace": trace}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, result)
+    print(f"calibrated {compressor.title} {spec.knob}={value:.6f} for retention {target:g} "
+          f"({spec.measure} {100 * achieved:.2f}% on {len(data.text_tokens)} calibration documents"
+          + (f"; cached in {path})" if path else ")"))
     return result

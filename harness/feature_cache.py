@@ -8,13 +8,12 @@ an entry from a different model or config is never used.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from harness.identity import digest
 from harness.llava import Encoded
 from harness.video import VideoError, preprocess, read_frames
 from methods.base import VisualInput
@@ -25,19 +24,20 @@ class FeatureCache:
         self.root = Path(root) / fingerprint[:16]
         self.fingerprint = fingerprint
 
-    def key(self, video: str, frames: int, preprocessing, patch_scores: bool) -> str:
+    def key(self, video: str, frames: int, preprocessing, needs: frozenset) -> str:
         st = Path(video).stat()
         ident = {"model": self.fingerprint, "video": str(Path(video).resolve()), "size": st.st_size,
                  "mtime": st.st_mtime_ns, "frames": frames, "pre": vars(preprocessing),
-                 "scores": patch_scores}
-        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+                 "needs": sorted(needs)}
+        return digest(ident)
 
     def load(self, key: str, device) -> Encoded | None:
         path = self.root / f"{key}.pt"
         if not path.is_file():
             return None
         entry = torch.load(path, map_location=device, weights_only=True)
-        visual = VisualInput(entry["features"], tuple(entry["grid"]), entry.get("patch_scores"))
+        visual = VisualInput(entry["features"], tuple(entry["grid"]), entry.get("patch_scores"),
+                             entry.get("patch_keys"), entry.get("encoder_hidden"))
         # the encoder did not run; patch scoring is the compressor's work, so its time (measured
         # when the entry was made) still counts for the method that needs it
         scoring = float(entry.get("scoring_seconds", 0.0))
@@ -47,25 +47,27 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         v = encoded.visual
         entry = {"features": v.features.cpu(), "grid": list(v.grid), "newline": encoded.newline.cpu()}
+        for name in ("patch_scores", "patch_keys", "encoder_hidden"):
+            if getattr(v, name) is not None:
+                entry[name] = getattr(v, name).cpu()
         if v.patch_scores is not None:
-            entry["patch_scores"] = v.patch_scores.cpu()
             entry["scoring_seconds"] = torch.tensor(encoded.timings.get("scoring", 0.0))
         tmp = self.root / f"{key}.pt.{os.getpid()}.tmp"
         torch.save(entry, tmp)
         os.replace(tmp, self.root / f"{key}.pt")  # readers never see half an entry
 
 
-def encode_file(adapter, path: str, frames: int, patch_scores: bool,
+def encode_file(adapter, path: str, frames: int, needs: frozenset,
                 cache: FeatureCache | None) -> Encoded:
     """The encoded video at `path`: from the cache when it holds it, else read, encoded, stored."""
     if not Path(path).is_file():
         raise VideoError(f"video file not found: {path}")
     p = adapter.preprocessing
-    key = cache.key(path, frames, p, patch_scores) if cache is not None else None
+    key = cache.key(path, frames, p, needs) if cache is not None else None
     encoded = cache.load(key, adapter.device) if key else None
     if encoded is None:
         encoded = adapter.encode_video(preprocess(read_frames(path, frames), p.size, p.mean, p.std),
-                                       patch_scores)
+                                       needs)
         if key:
             cache.save(key, encoded)
     return encoded

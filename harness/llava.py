@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from harness.timing import Stopwatch
-from methods.base import Compressor, VisualInput
+from methods import decoder
+from methods.base import Compressor, VideoTokens, VisualInput
+from methods.decoder import LLM
+from methods.flops import first_pruned
 
 
 class ModelLoadError(RuntimeError):
@@ -94,8 +97,20 @@ class VideoPass:
     video_tokens_out: int = 0  # tokens the LLM's first pruned layer sees
     text_tokens: int = 0  # prompt tokens that are not video tokens (newline included)
     layer_video_tokens: list[int] = field(default_factory=list)  # video tokens per LLM layer
+    decode_video_visible: list[float] = field(default_factory=list)  # per decode step, share of the
+    # cached video entries a decode policy let later layers attend to
     timings: dict = field(default_factory=dict)  # seconds: vision, compressor, prefill, decode
     vision_cached: bool = False  # features came from the feature cache (vision time is 0)
+
+
+@dataclass
+class Prompt:
+    """One prompt ready for the LLM: embeddings, position ids, where the video tokens are."""
+
+    embeds: torch.Tensor  # (1, T, D)
+    positions: torch.Tensor  # (1, T)
+    span: tuple[int, int]  # video tokens at [start, end); the newline follows at end
+    run: VideoPass
 
 
 @dataclass
@@ -165,27 +180,31 @@ class LlavaOneVision:
 
     # ---- vision -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, want_patch_scores: bool = False,
+    def encode(self, pixel_values: torch.Tensor, needs: frozenset = frozenset(),
                timings: dict | None = None):
         """(F, 3, S, S) -> VisualInput with (F, N, D) pooled features, and the newline token.
 
-        With `want_patch_scores`, also the attention each encoder patch receives in the last vision
-        layer whose output the model uses (mean over heads and queries), recomputed for that one
-        layer from its input so the encoder itself keeps its fast attention kernel. The time spent
-        on that is added to `timings["scoring"]`.
+        needs (methods.base.VISUAL_NEEDS) asks for more: "patch_scores", the attention each encoder
+        patch receives in the last vision layer whose output the model uses (mean over heads and
+        queries) and that layer's keys (mean over heads), recomputed for that one layer from its
+        input so the encoder itself keeps its fast attention kernel (the time spent is added to
+        `timings["scoring"]`); "encoder_hidden", the encoder features the projector receives.
         """
         pixel_values = pixel_values.to(self.device, self.model.dtype)
-        scores = []
-        hook = None
-        if want_patch_scores:
-            attention = self.scoring_layer().self_attn
-
+        captured: dict = {}
+        hooks = []
+        if "patch_scores" in needs:
             def score(module, args, kwargs):
                 with self.stopwatch("scoring", timings if timings is not None else {}):
                     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                    scores.append(received_attention(module, hidden))
+                    captured["patch_scores"], captured["patch_keys"] = received_attention(module, hidden)
 
-            hook = attention.register_forward_pre_hook(score, with_kwargs=True)
+            hooks.append(self.scoring_layer().self_attn.register_forward_pre_hook(score, with_kwargs=True))
+        if "encoder_hidden" in needs:
+            def keep_input(module, args):
+                captured["encoder_hidden"] = args[0]
+
+            hooks.append(self.model.model.multi_modal_projector.register_forward_pre_hook(keep_input))
         try:
             out = self.model.model.get_video_features(
                 pixel_values_videos=pixel_values[None],
@@ -193,15 +212,16 @@ class LlavaOneVision:
                 vision_feature_select_strategy=self.config.vision_feature_select_strategy,
             )
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         pooled = out.pooler_output[0]  # (F*N + 1, D): the newline comes last
         frames = pixel_values.shape[0]
         features = pooled[:-1].reshape(frames, self.tokens_per_frame, -1)
-        patch_scores = scores[0] if scores else None
-        if patch_scores is not None and self.config.vision_feature_select_strategy == "default":
-            patch_scores = patch_scores[:, 1:]  # the CLS position is dropped from the features too
-        return VisualInput(features=features, grid=self.grid, patch_scores=patch_scores), pooled[-1:]
+        if self.config.vision_feature_select_strategy == "default":
+            for name in ("patch_scores", "patch_keys"):  # the CLS position is dropped from the features
+                if name in captured:
+                    captured[name] = captured[name][:, 1:]
+        return VisualInput(features=features, grid=self.grid, **captured), pooled[-1:]
 
     def scoring_layer(self):
         """The encoder layer whose output the model uses (config.vision_feature_layer)."""
@@ -216,65 +236,87 @@ class LlavaOneVision:
         return layers[index]
 
     # ---- language model -----------------------------------------------------------------------
-    def embed(self, ids: list[int], video_tokens: torch.Tensor, newline: torch.Tensor):
-        """Prompt embeddings with the video placeholder replaced by the video tokens + newline."""
+    @property
+    def llm(self) -> LLM:
+        """The narrow handle on the Qwen2 decoder that the shared driver runs."""
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        lm = self.model.model.language_model
+        return LLM(embed=lm.embed_tokens, layers=lm.layers, rotary=lm.rotary_emb, norm=lm.norm,
+                   head=self.model.lm_head, config=lm.config, apply_rotary=apply_rotary_pos_emb)
+
+    def embed(self, ids: list[int], video: torch.Tensor | VideoTokens, newline: torch.Tensor,
+              full_video: int):
+        """Prompt embeddings with the video placeholder replaced by the video tokens + newline,
+        their position ids and the video span. Tokens that keep their original positions
+        (VideoTokens) take them; the newline and the text after it then sit where they would
+        with all `full_video` tokens."""
         where = ids.index(self.video_token_id)
         ids_t = torch.tensor(ids, device=self.device)
         text = self.model.get_input_embeddings()(ids_t)
-        video = torch.cat([video_tokens, newline]).to(text.dtype)
-        embeds = torch.cat([text[:where], video, text[where + 1:]])[None]
-        return embeds, (where, where + video_tokens.shape[0])
+        tokens = video.tokens if isinstance(video, VideoTokens) else video
+        embeds = torch.cat([text[:where], tokens.to(text.dtype), newline.to(text.dtype), text[where + 1:]])[None]
+        n = tokens.shape[0]
+        positions = torch.arange(embeds.shape[1], device=self.device)
+        if isinstance(video, VideoTokens):
+            positions[where:where + n] = where + video.positions.to(self.device)
+            positions[where + n:] += full_video - n
+        return embeds, positions[None], (where, where + n)
 
     @torch.inference_mode()
-    def encode_video(self, pixel_values: torch.Tensor, want_patch_scores: bool = False) -> Encoded:
-        """The timed vision side of one video: pooled features (and patch scores if asked)."""
+    def encode_video(self, pixel_values: torch.Tensor, needs: frozenset = frozenset()) -> Encoded:
+        """The timed vision side of one video: pooled features (and what `needs` asks for)."""
         timings = {}
         with self.stopwatch("vision", timings):
-            visual, newline = self.encode(pixel_values, want_patch_scores, timings)
+            visual, newline = self.encode(pixel_values, needs, timings)
         # scoring patches is the compressor's work, even though it runs inside the encoder
         timings["vision"] -= timings.get("scoring", 0.0)
         return Encoded(visual, newline, timings)
 
     @torch.inference_mode()
-    def prepare(self, video: torch.Tensor | Encoded, compressor: Compressor, ids: list[int]):
-        """Vision encoder (unless `video` is already encoded) + compressor; returns the LLM's input
-        embeddings, the video span in them and the measurements."""
+    def prepare(self, video: torch.Tensor | Encoded, compressor: Compressor, ids: list[int]) -> Prompt:
+        """Vision encoder (unless `video` is already encoded) + the compressor's visual stage; the
+        LLM's input embeddings, their positions, the video span and the measurements."""
         if not isinstance(video, Encoded):
-            video = self.encode_video(video, compressor.needs_patch_scores)
+            video = self.encode_video(video, compressor.needs)
         visual, newline = video.visual, video.newline
         run = VideoPass(vision_cached=video.cached)
         run.timings["vision"] = video.timings.get("vision", 0.0)
         run.timings["compressor"] = video.timings.get("scoring", 0.0)
-        run.video_tokens_in = visual.features.shape[0] * visual.features.shape[1]
-        if compressor.stage == "visual":
+        full = visual.features.shape[0] * visual.features.shape[1]
+        tokens = visual.features.flatten(0, 1)
+        if compressor.has("visual"):
             with self.stopwatch("compressor", run.timings):
                 tokens = compressor.compress(visual)
-        else:
-            tokens = visual.features.flatten(0, 1)
-        run.video_tokens_out = tokens.shape[0]
+        embeds, positions, span = self.embed(ids, tokens, newline, full)
+        run.video_tokens_in, run.video_tokens_out = full, span[1] - span[0]
         run.text_tokens = len(ids)  # the placeholder becomes the newline token
-        run.layer_video_tokens = [tokens.shape[0]] * self.config.text_config.num_hidden_layers
-        embeds, span = self.embed(ids, tokens, newline)
-        return embeds, span, run
+        return Prompt(embeds, positions, span, run)
 
-    def forward(self, embeds: torch.Tensor, span, compressor: Compressor, run: VideoPass, **kwargs):
-        """The LLM prefill; LLM-stage compressors take it over."""
-        if compressor.stage == "llm":
-            return compressor.prefill(self, embeds, span, run, **kwargs)
-        return self.model(inputs_embeds=embeds, use_cache=kwargs.pop("use_cache", True), **kwargs)
+    def prefill(self, prompt: Prompt, compressor: Compressor, use_cache: bool, logits_to_keep: int = 0):
+        """The LLM prefill through the shared driver, with the compressor's prefill policy if any."""
+        llm = self.llm
+        policy = compressor.prefill_policy(llm.shape) if compressor.has("prefill") else None
+        out = decoder.prefill(llm, prompt.embeds, prompt.positions, prompt.span, policy,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep,
+                              timer=lambda: self.stopwatch("compressor", prompt.run.timings))
+        prompt.run.layer_video_tokens = out.layer_video_tokens
+        prompt.run.video_tokens_out = first_pruned(out.layer_video_tokens)
+        return out
 
     @torch.inference_mode()
     def generate(self, video, question: str, compressor: Compressor, max_new_tokens: int,
                  until: list[str] = ()):
         """Greedy answer to `question` about the video; returns (text, VideoPass)."""
         ids, _ = self.prompt_ids(question)
-        embeds, span, run = self.prepare(video, compressor, ids)
+        prompt = self.prepare(video, compressor, ids)
+        run, llm = prompt.run, self.llm
         with self.stopwatch("prefill", run.timings):
-            out = self.forward(embeds, span, compressor, run, use_cache=True, logits_to_keep=1)
+            out = self.prefill(prompt, compressor, use_cache=True, logits_to_keep=1)
             next_id = out.logits[0, -1].argmax()
+        policy = compressor.decode_policy(llm.shape) if compressor.has("decode") else None
         generated = []
         with self.stopwatch("decode", run.timings):
-            cache = out.past_key_values
             for _ in range(max_new_tokens):
                 token = int(next_id)
                 if token in self.stop_ids:
@@ -282,12 +324,10 @@ class LlavaOneVision:
                 generated.append(token)
                 if len(generated) == max_new_tokens or _stops(self.tokenizer.decode(generated), until):
                     break
-                if compressor.stage == "llm":  # its cache differs per layer: it places the step
-                    out = compressor.decode(self, next_id.view(1, 1), cache)
-                else:
-                    out = self.model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                next_id = out.logits[0, -1].argmax()
+                logits = decoder.decode(llm, out.state, next_id.view(1, 1), policy,
+                                        timer=lambda: self.stopwatch("compressor", run.timings))
+                next_id = logits[0, -1].argmax()
+        run.decode_video_visible = out.state.decode_video_visible
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         for stop in until:
             if stop and stop in text:
@@ -298,20 +338,21 @@ class LlavaOneVision:
     def loglikelihood(self, video, question: str, answer: str, compressor: Compressor):
         """(sum log p(answer | prompt), whether greedy decoding gives the answer, VideoPass)."""
         ids, n_answer = self.prompt_ids(question, answer)
-        embeds, span, run = self.prepare(video, compressor, ids)
-        with self.stopwatch("prefill", run.timings):
-            logits = self.forward(embeds, span, compressor, run, use_cache=False).logits[0].float()
+        prompt = self.prepare(video, compressor, ids)
+        with self.stopwatch("prefill", prompt.run.timings):
+            logits = self.prefill(prompt, compressor, use_cache=False).logits[0].float()
         targets = torch.tensor(ids[-n_answer:], device=logits.device)
         rows = logits[-n_answer - 1:-1].log_softmax(-1)
         logprob = rows.gather(1, targets[:, None]).sum().item()
         greedy = bool((rows.argmax(-1) == targets).all())
-        run.timings.setdefault("decode", 0.0)
-        return logprob, greedy, run
+        prompt.run.timings.setdefault("decode", 0.0)
+        return logprob, greedy, prompt.run
 
 
-def received_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
-    """(B, P, C) input of a SigLIP attention -> (B, P): softmax attention each key receives,
-    averaged over heads and queries. One frame at a time keeps memory at (H, P, P)."""
+def received_attention(attention, hidden: torch.Tensor):
+    """(B, P, C) input of a SigLIP attention -> ((B, P) softmax attention each key receives,
+    averaged over heads and queries; (B, P, head_dim) the keys averaged over heads), float32.
+    One frame at a time keeps memory at (H, P, P)."""
     batch, patches, _ = hidden.shape
     heads = attention.num_heads
     q = attention.q_proj(hidden).view(batch, patches, heads, -1).transpose(1, 2)
@@ -320,7 +361,7 @@ def received_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
     for b in range(batch):
         weights = (q[b].float() @ k[b].float().transpose(-1, -2) * attention.scale).softmax(-1)
         out[b] = weights.mean(dim=(0, 1))
-    return out
+    return out, k.float().mean(1)
 
 
 def _stops(text: str, until) -> bool:

@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from harness.feature_cache import FeatureCache, encode_file
 from harness.llava import Encoded, LlavaOneVision, VideoPass
-from harness.retention import retention_numbers
 from harness.rundir import RunDir, sample_key
 from harness.video import VideoError
 from methods.base import Compressor
+from methods.flops import LLMShape, retention_numbers
 
 
 class SampleError(RuntimeError):
@@ -66,19 +66,22 @@ class VTCModel(lmms):
         path = visuals[0]
         if self._last_video is not None and self._last_video[0] == path:
             return replace(self._last_video[1], timings={}, cached=True)
-        encoded = encode_file(self.adapter, path, self.frames, self.compressor.needs_patch_scores,
+        encoded = encode_file(self.adapter, path, self.frames, self.compressor.needs,
                               self.feature_cache)
         self._last_video = (path, encoded)
         return encoded
 
     def _measurements(self, run: VideoPass) -> dict:
-        text_cfg = self.adapter.config.text_config
+        visible = run.decode_video_visible
         return {
             "frames": run.video_tokens_in // self.adapter.tokens_per_frame,
             "tokens": {"video_in": run.video_tokens_in, "video_out": run.video_tokens_out,
                        "text": run.text_tokens},
-            "retention": retention_numbers(run.video_tokens_in, run.text_tokens, run.layer_video_tokens,
-                                           text_cfg.hidden_size, text_cfg.intermediate_size),
+            "retention": {
+                **retention_numbers(run.video_tokens_in, run.text_tokens, run.layer_video_tokens,
+                                    LLMShape.of(self.adapter.config.text_config)),
+                # decode-stage methods (DyCoke): share of cached video entries attended per step
+                "rho_decode_kv": sum(visible) / len(visible) if visible else None},
             "timings": run.timings,
             "vision_cached": run.vision_cached,
             "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20
@@ -88,7 +91,7 @@ class VTCModel(lmms):
     # ---- the request loop -----------------------------------------------------------------------
     def _run(self, requests, request_type: str, answer_one):
         results, scored, score_sum, measured, retention_sum = [], 0, 0.0, 0, 0.0
-        bar = tqdm(requests, desc=f"{request_type} ({self.compressor.name})", disable=not self.progress)
+        bar = tqdm(requests, desc=f"{request_type} ({self.compressor.title})", disable=not self.progress)
         for req in bar:
             context, arg1, doc_to_visual, doc_id, task_name, split = req.args
             key = sample_key(task_name, doc_id, request_type, req.idx)

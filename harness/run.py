@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -18,22 +16,59 @@ from omegaconf import DictConfig, OmegaConf
 import methods
 from harness import distributed
 from harness.errors import ConfigError
+from harness.identity import digest
 from harness.rundir import RunDir
 from harness.summary import summarize, summary_line
+from methods.base import Compressor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class MethodChoice:
-    name: str
-    knobs: dict  # the knobs the compressor is built with
-    target_retention: float | None  # a retention to reach by calibration (Scissor, FastV)
+    name: str  # registry name (e.g. "pipeline")
+    knobs: dict  # what the compressor is built with
+    target_retention: float | None  # a retention to reach by calibrating the declared knob
     label: str  # e.g. "tau=0.9", "r=0.25"
+    title: str  # what tables call it (a pipeline: "visionzip+fastv")
+
+    def build(self) -> Compressor:
+        return methods.build(self.name, **self.knobs)
+
+
+CONF = REPO_ROOT / "conf"
+
+
+def method_defaults(name: str) -> dict:
+    """The knobs conf/method/<name>.yaml gives a method (for a pipeline's parts)."""
+    path = CONF / "method" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"method={name}: unknown method, expected one of {', '.join(methods.known())}")
+    node = OmegaConf.merge({"tau": None, "retention": None}, OmegaConf.load(path))
+    spec = OmegaConf.to_container(node.method, resolve=True)
+    spec.pop("name", None)
+    return spec
+
+
+def _label(compressor: Compressor, knobs: dict) -> str:
+    short = {"retention": "r"}  # r=0.25 reads the same for every method in a table
+    shown = compressor.label_knobs if compressor.label_knobs is not None else knobs.keys()
+    return ",".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
+                    for k, v in knobs.items() if k in shown)
+
+
+def describe(compressor: Compressor, target: float | None) -> str:
+    """A run's label: its knobs, or the retention its declared knob was calibrated to."""
+    if compressor.composite:
+        tuned = compressor.retention_knob.knob.split(".")[0] if target is not None else None
+        return "; ".join(f"r={target:g}" if p.name == tuned else _label(p, p.knobs())
+                         for p in compressor.parts)
+    return f"r={target:g}" if target is not None else _label(compressor, compressor.knobs())
 
 
 def choose_method(cfg: DictConfig) -> MethodChoice:
-    """Resolve `method.*` and the top-level `tau`/`retention` shortcuts into a compressor spec."""
+    """Resolve `method.*` and the top-level `tau`/`retention` shortcuts into a compressor spec,
+    validating every knob before any model loads."""
     spec = OmegaConf.to_container(cfg.method, resolve=True)
     if "name" not in spec:
         raise ConfigError("method.name is missing: select a method with +method=<name> "
@@ -41,35 +76,42 @@ def choose_method(cfg: DictConfig) -> MethodChoice:
     name = spec.pop("name")
     if name not in methods.known():
         raise ConfigError(f"method={name}: unknown method, expected one of {', '.join(methods.known())}")
-    cls = methods.REGISTRY[name]
-    target = None
+    if methods.REGISTRY[name].composite:  # each part starts from its own conf/method defaults
+        stages = spec.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise ConfigError(f"method.stages={stages!r}: expected a list of methods, e.g. "
+                              "+method=pipeline 'method.stages=[visionzip,fastv]'")
+        for part in stages:
+            spec[part] = {**method_defaults(part), **(spec.get(part) or {})}
     if cfg.tau is not None and "tau" not in spec:
         raise ConfigError(f"tau={cfg.tau}: method {name} has no knob tau (tau is Scissor's threshold)")
-    if cfg.retention is not None and spec.get("retention") != cfg.retention and cls.is_reference:
-        # a sweep over retention includes the reference once: every point is the same run
-        print(f"note: method {name} keeps every token; retention={cfg.retention} does not apply to it",
-              file=sys.stderr)
-    elif cfg.retention is not None and spec.get("retention") != cfg.retention:
-        # the method does not take retention directly: it is reached by calibrating its knob
-        if getattr(cls, "retention_via", None) is None:
-            raise ConfigError(f"retention={cfg.retention}: method {name} has no retention to set")
-        if cfg.tau is not None:
-            raise ConfigError(f"give either tau={cfg.tau} or retention={cfg.retention}, not both: "
-                              "retention calibrates tau")
-        if not 0 < cfg.retention <= 1:
-            raise ConfigError(f"retention={cfg.retention}: expected a value in (0, 1]")
-        target = float(cfg.retention)
     try:
-        methods.build(name, **spec)  # validates knob names and ranges now, before any model loads
+        compressor = methods.build(name, **spec)  # validates knob names and ranges now
+        mapping = compressor.retention_knob
+        target = None
+        if cfg.retention is not None and compressor.reference:
+            # a sweep over retention includes the reference once: every point is the same run
+            print(f"note: method {name} keeps every token; retention={cfg.retention} does not apply "
+                  "to it", file=sys.stderr)
+        elif cfg.retention is not None:
+            if mapping is None:
+                raise ConfigError(f"retention={cfg.retention}: method {name} has no retention to set")
+            if not 0 < cfg.retention <= 1:
+                raise ConfigError(f"retention={cfg.retention}: expected a value in (0, 1]")
+            if mapping.direct:
+                spec[mapping.knob] = float(cfg.retention)
+                compressor = methods.build(name, **spec)
+            else:
+                if cfg.tau is not None:
+                    raise ConfigError(f"give either tau={cfg.tau} or retention={cfg.retention}, not "
+                                      "both: retention calibrates tau")
+                target = float(cfg.retention)
     except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(str(err)) from err
-    if target is not None:
-        label = f"r={target:g}"
-    else:
-        short = {"retention": "r"}  # r=0.25 reads the same for every method in a table
-        label = ",".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in spec.items() if k in getattr(cls, "label_knobs", spec.keys()))
-    return MethodChoice(name=name, knobs=spec, target_retention=target, label=label)
+    return MethodChoice(name=name, knobs=spec, target_retention=target,
+                        label=describe(compressor, target), title=compressor.title)
 
 
 def run_id(cfg: DictConfig, choice: MethodChoice) -> str:
@@ -82,9 +124,8 @@ def run_id(cfg: DictConfig, choice: MethodChoice) -> str:
         "calibration_size": cfg.task.calibration_size if choice.target_retention else None,
         "seed": cfg.seed,
     }
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    label = choice.label.replace("=", "").replace(",", "_") if choice.label else ""
-    return "-".join(x for x in (cfg.task.name, cfg.model.name, choice.name, label, digest) if x)
+    label = choice.label.replace("=", "").replace(",", "_").replace("; ", "+") if choice.label else ""
+    return "-".join(x for x in (cfg.task.name, cfg.model.name, choice.title, label, digest(identity)[:8]) if x)
 
 
 def versions() -> dict:
@@ -207,7 +248,7 @@ def run(cfg: DictConfig) -> Path:
     """Evaluate one configuration; returns its results directory."""
     from lmms_eval import evaluator
 
-    from harness.calibrate import calibrate
+    from harness.calibrate import calibrate, calibration_size
     from harness.feature_cache import FeatureCache
     from harness.llava import LlavaOneVision
     from harness.lmms_model import VTCModel
@@ -235,16 +276,20 @@ def run(cfg: DictConfig) -> Path:
     tasks = load_tasks(cfg)
     adapter = LlavaOneVision(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
                              attn_implementation=cfg.model.attn_implementation)
-    knobs = dict(choice.knobs)
     features = (FeatureCache(Path(cfg.cache_dir) / "features", adapter.fingerprint)
                 if cfg.feature_cache else None)
+    compressor = choice.build()
+    compressor.seed = cfg.seed
     calibration = None
     if choice.target_retention is not None:
-        calibration = calibrate(cfg, choice, adapter, tasks, cache_dir=Path(cfg.cache_dir),
-                                feature_cache=features)
-        knobs.update(calibration["knobs"])
-    compressor = methods.build(choice.name, **knobs)
-    compressor.seed = cfg.seed
+        calibration = calibrate(
+            compressor, choice.target_retention, adapter, tasks, frames=cfg.model.frames,
+            size=calibration_size(cfg.task.calibration_size, cfg.task.limit),
+            identity={"model": cfg.model.path, "task": cfg.task.lmms_task, "seed": cfg.seed},
+            cache_dir=Path(cfg.cache_dir), feature_cache=features)
+        for knob, value in calibration["knobs"].items():
+            compressor = compressor.with_knob(knob, value)
+    knobs = compressor.knobs()
 
     earlier = run_dir.read("config.json")
     if earlier is not None and earlier["method"]["knobs"] != knobs and rank == 0:

@@ -141,15 +141,15 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: d
         "run_id": run_dir.path.name, "task": cfg.task.name, "task_label": cfg.task.label,
         "lmms_task": task, "model": cfg.model.name, "model_path": cfg.model.path,
         "smoke": bool(cfg.model.smoke or cfg.task.smoke), "frames": cfg.model.frames,
-        "limit": cfg.task.limit, "method": choice.name, "knobs": knobs, "label": choice.label,
+        "limit": cfg.task.limit, "method": choice.title, "knobs": knobs, "label": choice.label,
         "target_retention": choice.target_retention,
         "metric": key, "metric_native": native, "scale": cfg.task.scale, "judge": cfg.task.judge,
         "score": to_100(native, cfg.task.scale, f"{task}.{key}"), "score_ci95": ci,
         "n_samples": len(per_sample) or len(records), "n_failed": len(records) - len(ok),
         "failed": [{"key": r["key"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
         "live_score_mismatches": mismatched,
-        "retention": {name: _stats([r["retention"][name] for r in ok])
-                      for name in ("rho_tok", "rho_avg", "rho_flops")},
+        "retention": {name: _stats([r["retention"].get(name) for r in ok])
+                      for name in ("rho_tok", "rho_avg", "rho_flops", "rho_decode_kv")},
         "timings": timings,
         "seconds_per_sample": _stats([sum(r["timings"].values()) for r in ok]),
         "n_vision_cached": sum(bool(r.get("vision_cached")) for r in ok),
@@ -171,7 +171,9 @@ def summary_line(s: dict) -> str:
         f"{s['method']}" + (f" {s['label']}" if s["label"] else ""),
         f"retention {100 * ret['mean']:.1f}% (rho_tok, {100 * ret['min']:.1f}-{100 * ret['max']:.1f}; "
         f"rho_avg {100 * s['retention']['rho_avg']['mean']:.1f}%, "
-        f"FLOPs {100 * s['retention']['rho_flops']['mean']:.1f}%)" if ret else "retention n/a",
+        f"FLOPs {100 * s['retention']['rho_flops']['mean']:.1f}%"
+        + (f"; decode KV {100 * s['retention']['rho_decode_kv']['mean']:.1f}%"
+           if s["retention"].get("rho_decode_kv") else "") + ")" if ret else "retention n/a",
         f"score {s['score']:.1f}" + (f" [{s['score_ci95'][0]:.1f}, {s['score_ci95'][1]:.1f}]"
                                      if s["score_ci95"] else ""),
         f"{sec['mean']:.3f} s/sample" if sec else "n/a s/sample",

@@ -1,21 +1,32 @@
 """The one interface every compressor implements.
 
-A compressor is a small dataclass whose fields are its knobs. It declares the stage it acts in:
+A compressor is a small dataclass whose fields are its knobs. It declares the stages it acts in
+(shared/spec/methods-video.md, "Stages a method can act in") and implements one hook per stage:
 
-- "visual": `compress(VisualInput) -> (M, D) tokens`, applied to the pooled video features
-  before the LLM (Scissor, uniform pooling, attention top-k, none).
-- "llm": it changes the LLM's prefill itself (FastV); see `LLMStageCompressor`.
+- "visual":  `compress(VisualInput) -> (M, D) tokens` (or `VideoTokens` with their original
+             positions), on the pooled video features before the LLM;
+- "prefill": `prefill_policy(llm) -> PrefillPolicy`, acting inside the LLM at the layers it names,
+             run by the shared decoder driver (`methods.decoder`);
+- "decode":  `decode_policy(llm) -> DecodePolicy`, choosing which cached video entries later
+             layers attend to at each generated token.
 
-Nothing here knows about Hydra, lmms_eval or files: it is tensor code, on any device.
+How a requested `retention=` reaches the method is declared too (`retention_knob`). Nothing here
+knows about Hydra, lmms_eval or files: it is tensor code, on any device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from methods.decoder import DecodePolicy, PrefillPolicy
+    from methods.flops import LLMShape
+
+STAGES = ("visual", "prefill", "decode")
 
 
 @dataclass
@@ -24,24 +35,116 @@ class VisualInput:
 
     features: torch.Tensor  # (F, N, D): projected, 2x2-pooled features, N = h*w tokens per frame
     grid: tuple[int, int]  # (h, w) of the pooled per-frame grid, 14x14 for OneVision
-    patch_scores: torch.Tensor | None = None  # (F, H*W) attention received per encoder patch, if asked
+    # what a method may ask for besides the features (Compressor.needs), at the encoder's patch
+    # grid (H*W = 27*27 for SigLIP 384/14), from the last encoder layer whose output the model uses:
+    patch_scores: torch.Tensor | None = None  # (F, H*W) attention each patch receives ("patch_scores")
+    patch_keys: torch.Tensor | None = None  # (F, H*W, head_dim) that layer's keys, mean over heads
+    # (given with "patch_scores")
+    encoder_hidden: torch.Tensor | None = None  # (F, H*W, C) what the projector receives ("encoder_hidden")
+
+
+VISUAL_NEEDS = frozenset({"patch_scores", "encoder_hidden"})
+
+
+@dataclass
+class VideoTokens:
+    """A visual stage's output when its tokens keep their original position ids.
+
+    positions[j] is the index in the flattened F*N input whose position id token j takes; the
+    text after the video then starts where it would without compression. A plain (M, D) tensor
+    from `compress` means the tokens take consecutive positions instead.
+    """
+
+    tokens: torch.Tensor  # (M, D)
+    positions: torch.Tensor  # (M,) long, ascending
+
+
+@dataclass(frozen=True)
+class RetentionKnob:
+    """How `retention=r` sets a method's knob.
+
+    direct: the knob takes r itself (its meaning is `measure`). Otherwise the harness searches the
+    knob in [low, high] (bisection; `increasing` says which way retention moves) until the mean
+    `measure` on the calibration set is r: measured by running the visual stage ("rho_tok"), or
+    from the token counts the method plans per layer ("rho_flops", FLOPs matching).
+    """
+
+    knob: str
+    measure: str = "rho_tok"  # rho_tok | rho_flops
+    direct: bool = False
+    low: float = 0.0
+    high: float = 1.0
+    increasing: bool = True
 
 
 class Compressor:
     """Base class. Subclasses are dataclasses registered with `@register`."""
 
     name: ClassVar[str]
-    stage: ClassVar[str] = "visual"
-    needs_patch_scores: ClassVar[bool] = False  # ask the adapter for vision-encoder attention
-    is_reference: ClassVar[bool] = False  # the uncompressed reference (`none`): no retention applies
+    stages: ClassVar[frozenset[str]] = frozenset()  # which of STAGES it acts in
+    reference: ClassVar[bool] = False  # the uncompressed reference (`none`): no retention applies
+    retention_knob: ClassVar[RetentionKnob | None] = None  # None: `retention=` does not apply
+    label_knobs: ClassVar[tuple[str, ...] | None] = None  # knobs named in table labels (None: all)
+    needs: ClassVar[frozenset[str]] = frozenset()  # extra vision-side inputs (VISUAL_NEEDS)
+    composite: ClassVar[bool] = False  # a stack of methods whose stages are its parts' (pipeline)
     seed: int = 0  # set by the harness; methods that sample draw from a generator seeded by it
 
-    def compress(self, x: VisualInput) -> torch.Tensor:
-        """(M, D) tokens for the LLM; visual-stage methods override this."""
-        raise TypeError(f"{type(self).__name__} is a {self.stage}-stage method: it has no compress()")
+    _HOOKS = {"visual": "compress", "prefill": "prefill_policy", "decode": "decode_policy"}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not set(cls.needs) <= VISUAL_NEEDS:
+            raise TypeError(f"{cls.__name__}.needs: unknown {sorted(set(cls.needs) - VISUAL_NEEDS)}; "
+                            f"expected some of {sorted(VISUAL_NEEDS)}")
+        unknown = set(cls.stages) - set(STAGES)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.stages: unknown stage(s) {sorted(unknown)}; expected {STAGES}")
+        for stage, hook in cls._HOOKS.items():
+            overridden = getattr(cls, hook) is not getattr(Compressor, hook)
+            if overridden != (stage in cls.stages) and not cls.composite:
+                raise TypeError(f"{cls.__name__}: declares stages {sorted(cls.stages)} but "
+                                f"{'defines' if overridden else 'lacks'} {hook}()")
+
+    # ---- the three stage hooks ------------------------------------------------------------------
+    def compress(self, x: VisualInput) -> torch.Tensor | VideoTokens:
+        """(M, D) tokens for the LLM, or VideoTokens keeping original positions."""
+        raise TypeError(f"{type(self).__name__} has no visual stage")
+
+    def prefill_policy(self, llm: "LLMShape") -> "PrefillPolicy":
+        """A fresh policy for one prefill of an LLM of this shape."""
+        raise TypeError(f"{type(self).__name__} has no prefill stage")
+
+    def decode_policy(self, llm: "LLMShape") -> "DecodePolicy":
+        """A fresh policy for one generation (it may keep state across steps)."""
+        raise TypeError(f"{type(self).__name__} has no decode stage")
+
+    # ---- building and description ----------------------------------------------------------------
+    @classmethod
+    def from_knobs(cls, **knobs) -> "Compressor":
+        """The method with these knobs; unknown knobs are an error naming the known ones."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(knobs) - fields)
+        if unknown:
+            raise ValueError(f"method {cls.name!r} has no knob {', '.join(unknown)}: "
+                             f"its knobs are {', '.join(sorted(fields)) or '(none)'}")
+        return cls(**knobs)
+
+    def with_knob(self, knob: str, value) -> "Compressor":
+        """A copy with one knob changed (what calibration searches over)."""
+        new = dataclasses.replace(self, **{knob: value})
+        new.seed = self.seed
+        return new
+
+    def has(self, stage: str) -> bool:
+        return stage in self.stages
 
     def knobs(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    @property
+    def title(self) -> str:
+        """The name tables show (a pipeline shows its parts)."""
+        return self.name
 
 
 def check_range(name: str, value, low: float, high: float, *, low_open=False, high_open=False):
@@ -53,3 +156,11 @@ def check_range(name: str, value, low: float, high: float, *, low_open=False, hi
     if bad_low or bad_high:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{name}={value}: expected a value in {lo}{low}, {high}{hi}")
+
+
+def check_int(name: str, value, low: int, high: int | None = None):
+    """Raise ValueError unless `value` is an integer in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r}: expected an integer")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value}: expected an integer in [{low}, {'inf' if high is None else high}]")

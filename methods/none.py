@@ -10,7 +10,8 @@ from methods.base import Compressor, VisualInput
 @dataclass
 class NoCompression(Compressor):
     name = "none"
-    is_reference = True
+    stages = frozenset({"visual"})  # the identity, so it can stand wherever a visual stage does
+    reference = True
 
     def compress(self, x: VisualInput):
         return x.features.flatten(0, 1)

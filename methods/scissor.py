@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from methods import register
-from methods.base import Compressor, VisualInput, check_range
+from methods.base import Compressor, RetentionKnob, VisualInput, check_range
 
 __all__ = ["sample_size", "scissor_compress", "semantic_connected_components"]
 
@@ -257,8 +257,9 @@ class Scissor(Compressor):
     """`+method=scissor tau=0.9`, or `retention=r` to calibrate tau to a token retention."""
 
     name = "scissor"
-    retention_via = "tau"  # a requested retention is reached by bisecting tau
-    retention_range = (-1.0, 1.0)  # tau = -1 merges (almost) everything, tau = 1 nothing
+    stages = frozenset({"visual"})
+    # a requested retention is reached by bisecting tau: -1 merges (almost) everything, 1 nothing
+    retention_knob = RetentionKnob("tau", measure="rho_tok", low=-1.0, high=1.0)
     label_knobs = ("tau",)
     tau: float = 0.9
     epsilon: float = 0.05

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as nnf
 
 from methods import register
-from methods.base import Compressor, VisualInput, check_range
+from methods.base import Compressor, RetentionKnob, VisualInput, check_range
+from methods.select import top_k_ascending
 
 
 def pooled_scores(patch_scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -26,17 +27,13 @@ def pooled_scores(patch_scores: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     return nnf.interpolate(maps, size=grid, mode="bilinear", align_corners=False).flatten(1)
 
 
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(F, N) -> (F, k) indices of the k highest scores per row (ties: lower index), ascending."""
-    order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
-    return order.sort(dim=1).values
-
-
 @register
 @dataclass
 class TopK(Compressor):
     name = "topk"
-    needs_patch_scores = True
+    stages = frozenset({"visual"})
+    retention_knob = RetentionKnob("retention", direct=True)
+    needs = frozenset({"patch_scores"})
     retention: float = 0.25
 
     def __post_init__(self):
@@ -47,5 +44,5 @@ class TopK(Compressor):
             raise ValueError("topk needs the vision encoder's patch attention (patch_scores)")
         frames, n, dim = x.features.shape
         k = max(1, round(self.retention * n))
-        keep = top_indices(pooled_scores(x.patch_scores, x.grid), k)
+        keep = top_k_ascending(pooled_scores(x.patch_scores, x.grid), k)
         return x.features.gather(1, keep.to(x.features.device)[..., None].expand(-1, -1, dim)).flatten(0, 1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as nnf
 
 from methods import register
-from methods.base import Compressor, VisualInput, check_range
+from methods.base import Compressor, RetentionKnob, VisualInput, check_range
 
 
 def target_grid(retention: float, h: int, w: int) -> tuple[int, int]:
@@ -41,6 +41,8 @@ def pool_time(tokens: torch.Tensor, groups: int) -> torch.Tensor:
 @dataclass
 class Uniform(Compressor):
     name = "uniform"
+    stages = frozenset({"visual"})
+    retention_knob = RetentionKnob("retention", direct=True)
     retention: float = 0.25
 
     def __post_init__(self):

@@ -10,11 +10,14 @@ import pytest
 import torch
 
 import methods
+from harness.calibrate import TOLERANCE, CalibrationSet, bisect_knob, mean_measure
 from harness.errors import ConfigError
 from harness.llava import LlavaOneVision
-from harness.retention import retention_numbers
 from harness.video import preprocess, read_frames
-from methods.fastv import FastV, keep_for_flops_ratio, last_token_attention
+from methods import decoder
+from methods.attention import query_attention
+from methods.fastv import FastV
+from methods.flops import LLMShape, retention_numbers
 
 FRAMES = 4
 LAYERS = 8  # decoder layers of the tiny smoke model (harness/tiny_model.py)
@@ -41,10 +44,10 @@ def pixels(smoke_questions, adapter):
 
 def prefill(adapter, pixels, compressor, **kwargs):
     ids, _ = adapter.prompt_ids(QUESTION)
-    embeds, span, run = adapter.prepare(pixels, compressor, ids)
+    prompt = adapter.prepare(pixels, compressor, ids)
     with torch.no_grad():
-        out = adapter.forward(embeds, span, compressor, run, **kwargs)
-    return embeds, span, run, out
+        out = adapter.prefill(prompt, compressor, **kwargs)
+    return prompt.embeds, prompt.span, prompt.run, out
 
 
 def literal_top_k(scores: torch.Tensor, k: int) -> list[int]:
@@ -65,7 +68,7 @@ def test_bad_knobs_are_rejected(knobs, message):
 def test_k_at_or_beyond_the_llm_depth_is_an_error(adapter, pixels):
     depth = adapter.config.text_config.num_hidden_layers
     with pytest.raises(ValueError, match=f"fastv.K={depth}: expected K < {depth}"):
-        prefill(adapter, pixels, FastV(K=depth))
+        prefill(adapter, pixels, FastV(K=depth), use_cache=True)
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def test_layers_from_k_on_process_only_the_kept_tokens(adapter, pixels, K, keep)
     # text tokens (the trailing newline at `end` included) are never pruned
     kept = set(out.kept.tolist())
     assert set(range(start)) | set(range(end, total)) <= kept and len(kept) == total - video + k
-    numbers = retention_numbers(video, run.text_tokens, run.layer_video_tokens, 64, 128)
+    numbers = retention_numbers(video, run.text_tokens, run.layer_video_tokens, LLMShape(64, 128, LAYERS))
     assert numbers["rho_tok"] == pytest.approx(k / video)
     assert numbers["rho_avg"] == pytest.approx((K + (LAYERS - K) * k / video) / LAYERS)
 
@@ -121,7 +124,9 @@ def test_selection_is_the_top_k_of_eager_attention_at_layer_k_minus_1(adapter, e
     with torch.no_grad():
         hidden = lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[K - 1]
         positions = torch.arange(embeds.shape[1])[None]
-        ours = last_token_attention(lm.layers[K - 1], hidden, *lm.rotary_emb(embeds, positions))
+        last = torch.tensor([embeds.shape[1] - 1])
+        ours = query_attention(lm.layers[K - 1], hidden, lm.rotary_emb(embeds, positions), last,
+                               adapter.llm.apply_rotary)[0]
     torch.testing.assert_close(ours, row, rtol=1e-5, atol=1e-7)
     # ... and the kept video tokens are its literal top-k (ties: lower index)
     expected = literal_top_k(row[start:end], round(keep * (end - start)))
@@ -129,12 +134,21 @@ def test_selection_is_the_top_k_of_eager_attention_at_layer_k_minus_1(adapter, e
 
 
 def test_selection_breaks_ties_towards_lower_indices():
-    from methods.fastv import select
+    from methods.fastv import PruneByLastToken
+    from methods.select import top_k_ascending
 
     scores = torch.tensor([0.1, 0.3, 0.3, 0.2, 0.3, 0.0])
-    assert select(scores, 0.5).tolist() == [1, 2, 4]
-    assert select(scores, 2 / 6).tolist() == [1, 2]
-    assert select(torch.zeros(10), 0.3).tolist() == [0, 1, 2]
+    assert top_k_ascending(scores, 3).tolist() == [1, 2, 4]
+    assert top_k_ascending(scores, 2).tolist() == [1, 2]
+    assert top_k_ascending(torch.zeros(10), 3).tolist() == [0, 1, 2]
+
+    class View:  # a prefill view whose attention row is `scores` over 6 video tokens + 2 text
+        video = torch.arange(6)
+
+        def attention(self):
+            return torch.cat([scores, torch.tensor([0.5, 0.5])])[None]
+
+    assert PruneByLastToken((2,), 0.5, 8).act(View()).video.tolist() == [1, 2, 4]
 
 
 # ---- decoding -----------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ def test_cached_decoding_matches_masked_full_recompute(adapter, eager, pixels, K
     reference = masked_reference_logits(eager, embeds, kept, K)
     torch.testing.assert_close(out.logits[0], reference[kept], rtol=1e-4, atol=1e-5)
 
-    cache, logits, tokens = out.past_key_values, out.logits[0, -1], []
+    state, logits, tokens = out.state, out.logits[0, -1], []
     embed = adapter.model.get_input_embeddings()
     for _ in range(steps):
         token = int(logits.argmax())
@@ -189,12 +203,12 @@ def test_cached_decoding_matches_masked_full_recompute(adapter, eager, pixels, K
         tokens.append(token)
         embeds = torch.cat([embeds, embed(torch.tensor([[token]]))], 1)
         with torch.no_grad():
-            logits = compressor.decode(adapter, torch.tensor([[token]]), cache).logits[0, -1]
+            logits = decoder.decode(adapter.llm, state, torch.tensor([[token]]))[0, -1]
         torch.testing.assert_close(logits, masked_reference_logits(eager, embeds, kept, K)[-1],
                                    rtol=1e-4, atol=1e-5)
     assert tokens  # the random model does not stop at once: decoding was exercised
     # every token decoded above is in the cache: all of them below K, kept + generated from K on
-    assert [layer.keys.shape[-2] for layer in cache.layers] == (
+    assert [layer.keys.shape[-2] for layer in state.cache.layers] == (
         [embeds.shape[1]] * K + [len(kept) + len(tokens)] * (LAYERS - K))
 
     text, run = adapter.generate(pixels, QUESTION, compressor, max_new_tokens=steps)
@@ -207,9 +221,10 @@ def test_loglikelihood_scores_the_answer_on_the_pruned_sequence(adapter, eager, 
     compressor = FastV(K=2, keep=0.25)
     logprob, _, run = adapter.loglikelihood(pixels, QUESTION, "AB", compressor)
     ids, n = adapter.prompt_ids(QUESTION, "AB")
-    embeds, span, _ = adapter.prepare(pixels, compressor, ids)
+    prompt = adapter.prepare(pixels, compressor, ids)
+    embeds = prompt.embeds
     with torch.no_grad():
-        kept = adapter.forward(embeds, span, compressor, run, use_cache=False).kept.tolist()
+        kept = adapter.prefill(prompt, compressor, use_cache=False).kept.tolist()
     logits = masked_reference_logits(eager, embeds, kept, 2)
     logp = logits.log_softmax(-1)
     total = embeds.shape[1]
@@ -219,33 +234,48 @@ def test_loglikelihood_scores_the_answer_on_the_pruned_sequence(adapter, eager, 
 
 
 # ---- retention by FLOPs matching ----------------------------------------------------------------
+def flops_matched(target, K, layers, text, video, d, m):
+    """FastV's keep for a target rho_flops, found by the harness's generic calibration."""
+    shape, data = LLMShape(d, m, layers), CalibrationSet([text], video)
+    spec = FastV.retention_knob
+    return bisect_knob(lambda v: mean_measure(FastV(K=K).with_knob("keep", v), spec.measure, data, shape),
+                       spec.low, spec.high, target, precision=1e-5, what="fastv")
+
+
 @pytest.mark.parametrize("target, K, layers, text, video, d, m", [
     (0.5, 2, 28, 100, 32 * 196, 3584, 18944),  # LLaVA-OneVision-7B, 32 frames
     (0.2, 2, 28, 100, 32 * 196, 3584, 18944),
-    (0.3, 3, 24, 87.5, 16 * 196, 896, 4864),  # 0.5B
+    (0.3, 3, 24, 87, 16 * 196, 896, 4864),  # 0.5B
     (0.75, 2, LAYERS, 60, 8 * 196, 64, 128),  # the tiny smoke model
     (1.0, 2, LAYERS, 60, 8 * 196, 64, 128),
 ])
-def test_keep_for_flops_ratio_reproduces_the_target(target, K, layers, text, video, d, m):
-    keep = keep_for_flops_ratio(target, K, layers, text, video, d, m)
-    assert 0 < keep <= 1
-    numbers = retention_numbers(video, text, [video] * K + [keep * video] * (layers - K), d, m)
-    assert numbers["rho_flops"] == pytest.approx(target, rel=1e-9)
-    assert numbers["rho_avg"] == pytest.approx((K + (layers - K) * keep) / layers)
+def test_flops_matching_reaches_the_target_to_one_token(target, K, layers, text, video, d, m):
+    shape = LLMShape(d, m, layers)
+    keep, achieved, _ = flops_matched(target, K, layers, text, video, d, m)
+    kept = max(1, round(keep * video))
+    numbers = retention_numbers(video, text, [video] * K + [kept] * (layers - K), shape)
+    assert numbers["rho_flops"] == pytest.approx(achieved, abs=1e-12)
+    # no whole number of kept tokens comes closer to the target
+    for other in (kept - 1, kept + 1):
+        if 1 <= other <= video:
+            alt = retention_numbers(video, text, [video] * K + [other] * (layers - K), shape)["rho_flops"]
+            assert abs(alt - target) >= abs(achieved - target)
+    assert numbers["rho_avg"] == pytest.approx((K + (layers - K) * kept / video) / layers)
 
 
-def test_unreachable_flops_ratio_names_the_smallest_reachable():
+def test_unreachable_flops_ratio_names_the_reachable_range():
     d, m, layers, K, text, video = 3584, 18944, 28, 2, 100, 32 * 196
-    lowest = retention_numbers(video, text, [video] * K + [1] * (layers - K), d, m)["rho_flops"]
+    shape = LLMShape(d, m, layers)
+    lowest = retention_numbers(video, text, [video] * K + [1] * (layers - K), shape)["rho_flops"]
     assert 2 / 28 < lowest < 0.09  # two full layers of 28 already cost 8.3 %, more than 5 %
-    with pytest.raises(ValueError, match=f"5% is unreachable.*smallest reachable is {100 * lowest:.2f}%"):
-        keep_for_flops_ratio(0.05, K, layers, text, video, d, m)
-    keep = keep_for_flops_ratio(lowest, K, layers, text, video, d, m)  # the boundary is reachable
-    assert keep * video == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match=f"retention=0.05: unreachable.*fastv reaches {100 * lowest:.2f}%-100.00%"):
+        flops_matched(0.05, K, layers, text, video, d, m)
+    keep, achieved, _ = flops_matched(lowest, K, layers, text, video, d, m)  # the boundary is reachable
+    assert max(1, round(keep * video)) == 1 and achieved == pytest.approx(lowest)
 
 
 def test_retention_target_calibrates_keep_by_flops(cfg_factory, adapter):
-    from harness.calibrate import calibrate, calibration_text_tokens
+    from harness.calibrate import calibrate, calibration_set
     from harness.run import choose_method, load_tasks, prepare_task_data
 
     cfg = cfg_factory("+method=fastv", "retention=0.6")
@@ -253,18 +283,23 @@ def test_retention_target_calibrates_keep_by_flops(cfg_factory, adapter):
     assert choice.target_retention == 0.6 and choice.label == "r=0.6"
     prepare_task_data(cfg)
     tasks = load_tasks(cfg)
-    result = calibrate(cfg, choice, adapter, tasks, cache_dir=None)
-    lengths = calibration_text_tokens(adapter, tasks, cfg.task.calibration_size)
-    assert len(lengths) == cfg.task.calibration_size
+    size = cfg.task.calibration_size
+    result = calibrate(choice.build(), 0.6, adapter, tasks, frames=cfg.model.frames, size=size, identity={})
+    lengths = calibration_set(adapter, tasks, size, cfg.model.frames, False, False).text_tokens
+    assert len(lengths) == size
     video = cfg.model.frames * 196
-    expected = keep_for_flops_ratio(0.6, 2, LAYERS, sum(lengths) / len(lengths), video, 64, 128)
-    assert result["knobs"] == {"keep": pytest.approx(expected)}
-    assert result["achieved_on_calibration"] == pytest.approx(0.6, abs=0.005)
+    kept = max(1, round(result["knobs"]["keep"] * video))
+    shape = LLMShape(64, 128, LAYERS)
+    per_doc = [retention_numbers(video, t, [video] * 2 + [kept] * (LAYERS - 2), shape)["rho_flops"]
+               for t in lengths]
+    assert result["achieved_on_calibration"] == pytest.approx(sum(per_doc) / len(per_doc), abs=1e-12)
+    assert result["achieved_on_calibration"] == pytest.approx(0.6, abs=TOLERANCE / 4)
 
     # with K=2 of 8 layers unpruned, 25 % of the prefill FLOPs is already spent: an error
     cfg = cfg_factory("+method=fastv", "retention=0.2")
-    with pytest.raises(ConfigError, match=r"retention=0.2 .*smallest reachable is 2\d\.\d\d%"):
-        calibrate(cfg, choose_method(cfg), adapter, tasks, cache_dir=None)
+    with pytest.raises(ConfigError, match=r"retention=0.2: unreachable.*reaches 2\d\.\d\d%-100.00%"):
+        calibrate(choose_method(cfg).build(), 0.2, adapter, tasks, frames=cfg.model.frames, size=size,
+                  identity={})
 
 
 def test_label_names_k_and_keep(cfg_factory):

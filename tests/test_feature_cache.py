@@ -10,6 +10,8 @@ from harness.llava import LlavaOneVision
 from harness.rundir import read_samples
 from harness.run import run
 
+NONE, SCORES = frozenset(), frozenset({"patch_scores"})
+
 
 def test_second_run_reuses_features_and_gives_identical_answers(cfg_factory):
     first = run(cfg_factory("+method=uniform", "retention=0.5", "task.limit=4"))
@@ -29,29 +31,34 @@ def test_entries_are_exact_and_keyed_by_everything_that_changes_features(tiny_mo
     video = str(smoke_questions.parent / "videos" / "clip_001.mp4")
     cache = FeatureCache(tmp_path, adapter.fingerprint)
     p = adapter.preprocessing
-    key = cache.key(video, 4, p, False)
+    key = cache.key(video, 4, p, NONE)
     encoded = adapter.encode_video(torch.randn(4, 3, 384, 384))
     cache.save(key, encoded)
     loaded = cache.load(key, "cpu")
     assert loaded.cached and torch.equal(loaded.visual.features, encoded.visual.features)
     assert torch.equal(loaded.newline, encoded.newline)
     assert loaded.timings == {"vision": 0.0, "scoring": 0.0}
-    with_scores = adapter.encode_video(torch.randn(4, 3, 384, 384), want_patch_scores=True)
-    cache.save(cache.key(video, 4, p, True), with_scores)
-    reloaded = cache.load(cache.key(video, 4, p, True), "cpu")
+    with_scores = adapter.encode_video(torch.randn(4, 3, 384, 384), needs=frozenset({"patch_scores"}))
+    cache.save(cache.key(video, 4, p, SCORES), with_scores)
+    reloaded = cache.load(cache.key(video, 4, p, SCORES), "cpu")
     assert torch.equal(reloaded.visual.patch_scores, with_scores.visual.patch_scores)
+    assert torch.equal(reloaded.visual.patch_keys, with_scores.visual.patch_keys)
+    hidden = adapter.encode_video(torch.randn(4, 3, 384, 384), needs=frozenset({"encoder_hidden"}))
+    cache.save(cache.key(video, 4, p, frozenset({"encoder_hidden"})), hidden)
+    assert torch.equal(cache.load(cache.key(video, 4, p, frozenset({"encoder_hidden"})), "cpu")
+                       .visual.encoder_hidden, hidden.visual.encoder_hidden)
     # scoring is compressor work: its measured time survives the cache, the encoder's does not
     assert with_scores.timings["scoring"] > 0
     assert reloaded.timings["scoring"] == pytest.approx(with_scores.timings["scoring"])
     # another model, another frame count, patch scores, or a changed video file: other entries
     other_model = FeatureCache(tmp_path, "0" * 40)
-    assert other_model.load(other_model.key(video, 4, p, False), "cpu") is None
-    assert cache.key(video, 8, p, False) != key
-    assert cache.key(video, 4, p, True) != key
+    assert other_model.load(other_model.key(video, 4, p, NONE), "cpu") is None
+    assert cache.key(video, 8, p, NONE) != key
+    assert cache.key(video, 4, p, SCORES) != key != cache.key(video, 4, p, frozenset({"encoder_hidden"}))
     st = os.stat(video)
     os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     try:
-        assert cache.key(video, 4, p, False) != key
+        assert cache.key(video, 4, p, NONE) != key
     finally:
         os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns))
 

@@ -36,18 +36,21 @@ def stock_logits(adapter, question, pixels):
 def test_none_reproduces_the_stock_model(adapter, pixels):
     question = "What colour is the moving square?\nA. red\nB. blue"
     ids, _ = adapter.prompt_ids(question)
-    embeds, span, run = adapter.prepare(pixels, methods.build("none"), ids)
+    none = methods.build("none")
+    prompt = adapter.prepare(pixels, none, ids)
     with torch.no_grad():
-        ours = adapter.model(inputs_embeds=embeds).logits
+        ours = adapter.prefill(prompt, none, use_cache=False).logits  # the shared decoder driver
     expected = stock_logits(adapter, question, pixels)
     assert ours.shape == expected.shape
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
-    assert run.video_tokens_in == run.video_tokens_out == 4 * 196
+    assert prompt.run.video_tokens_in == prompt.run.video_tokens_out == 4 * 196
+    assert prompt.positions.tolist() == [list(range(ours.shape[1]))]
 
 
 def test_compressed_video_keeps_the_trailing_newline(adapter, pixels):
     ids, _ = adapter.prompt_ids("Q?")
-    embeds, (start, end), run = adapter.prepare(pixels, methods.build("uniform", retention=0.25), ids)
+    prompt = adapter.prepare(pixels, methods.build("uniform", retention=0.25), ids)
+    embeds, (start, end), run = prompt.embeds, prompt.span, prompt.run
     assert end - start == run.video_tokens_out == 4 * 49
     newline = adapter.model.model.image_newline.to(embeds.dtype)
     torch.testing.assert_close(embeds[0, end], newline)
@@ -57,7 +60,7 @@ def test_compressed_video_keeps_the_trailing_newline(adapter, pixels):
 def test_generation_with_cache_matches_full_recompute(adapter, pixels):
     text, run = adapter.generate(pixels, "Q?", methods.build("none"), max_new_tokens=5)
     ids, _ = adapter.prompt_ids("Q?")
-    embeds, _, _ = adapter.prepare(pixels, methods.build("none"), ids)
+    embeds = adapter.prepare(pixels, methods.build("none"), ids).embeds
     tokens = []
     for _ in range(5):  # greedy without a KV cache
         with torch.no_grad():

@@ -6,7 +6,8 @@ import torch
 import methods
 from harness.llava import LlavaOneVision
 from methods.base import VisualInput
-from methods.topk import pooled_scores, top_indices
+from methods.select import top_k_ascending
+from methods.topk import pooled_scores
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def test_patch_scores_equal_the_eager_attention_of_the_used_layer(adapter, tiny_
     from transformers import LlavaOnevisionForConditionalGeneration
 
     pixels = torch.randn(2, 3, 384, 384)
-    visual, _ = adapter.encode(pixels, want_patch_scores=True)
+    visual, _ = adapter.encode(pixels, needs=frozenset({"patch_scores"}))
     eager = LlavaOnevisionForConditionalGeneration.from_pretrained(
         str(tiny_model_dir), attn_implementation="eager").eval()
     with torch.no_grad():
@@ -48,9 +49,9 @@ def test_known_scores_select_the_expected_tokens():
 
 def test_equal_scores_go_to_the_lower_index():
     scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]])
-    assert top_indices(scores, 2).tolist() == [[1, 2]]
-    assert top_indices(scores, 4).tolist() == [[1, 2, 3, 4]]
-    assert top_indices(torch.zeros(1, 5), 3).tolist() == [[0, 1, 2]]
+    assert top_k_ascending(scores, 2).tolist() == [[1, 2]]
+    assert top_k_ascending(scores, 4).tolist() == [[1, 2, 3, 4]]
+    assert top_k_ascending(torch.zeros(1, 5), 3).tolist() == [[0, 1, 2]]
 
 
 def test_pooled_scores_use_the_feature_pooling():
@@ -61,7 +62,7 @@ def test_pooled_scores_use_the_feature_pooling():
 
 
 def test_full_retention_equals_none(adapter):
-    visual, _ = adapter.encode(torch.randn(2, 3, 384, 384), want_patch_scores=True)
+    visual, _ = adapter.encode(torch.randn(2, 3, 384, 384), needs=frozenset({"patch_scores"}))
     torch.testing.assert_close(methods.build("topk", retention=1.0).compress(visual),
                                methods.build("none").compress(visual))
 
@@ -76,3 +77,20 @@ def test_keeps_k_per_frame_in_original_order():
     assert bool((per_frame.diff(dim=1) > 0).all())  # original order within each frame
     for f in range(4):
         assert bool(((per_frame[f] >= f * 196) & (per_frame[f] < (f + 1) * 196)).all())
+
+
+def test_patch_keys_and_encoder_hidden_are_the_encoder_s_own(adapter):
+    pixels = torch.randn(2, 3, 384, 384)
+    visual, _ = adapter.encode(pixels, needs=frozenset({"patch_scores", "encoder_hidden"}))
+    tower = adapter.model.model.vision_tower
+    with torch.no_grad():
+        states = tower(pixels, output_hidden_states=True).hidden_states
+        chosen = adapter.config.vision_feature_layer
+        layer = adapter.scoring_layer()
+        index = chosen % len(states) - 1  # hidden_states[k] is the input of layer k
+        keys = layer.self_attn.k_proj(layer.layer_norm1(states[index]))
+    heads = layer.self_attn.num_heads
+    torch.testing.assert_close(visual.patch_keys, keys.view(2, 729, heads, -1).mean(2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(visual.encoder_hidden, states[chosen])  # what the projector receives
+    plain, _ = adapter.encode(pixels)
+    assert plain.patch_keys is None and plain.encoder_hidden is None

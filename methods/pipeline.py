@@ -1,0 +1,92 @@
+"""A stack of methods: a visual-stage method in front of a prefill- and/or decode-stage method.
+
+`+method=pipeline method.stages=[visionzip,fastv]` (spec: shared/spec/methods-video.md, "Stages a
+method can act in"). Each part keeps its own knobs (`method.fastv.keep=0.3`); the stack acts in the
+union of its parts' stages, one part per stage, the visual one first. A requested `retention=`
+sets the knob of the last part that takes one, searched so that the whole stack reaches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from methods import register
+from methods.base import Compressor
+
+
+@register
+class Pipeline(Compressor):
+    name = "pipeline"
+    composite = True  # its stages are those of its parts
+
+    @classmethod
+    def from_knobs(cls, stages=None, **part_knobs) -> "Pipeline":
+        """stages: method names in order; part_knobs: {name: {knob: value}} for any of them."""
+        from methods import build
+
+        if not isinstance(stages, (list, tuple)) or not all(isinstance(s, str) for s in stages):
+            raise ValueError(f"pipeline.stages={stages!r}: expected a list of method names, "
+                             "e.g. method.stages=[visionzip,fastv]")
+        unknown = sorted(set(part_knobs) - set(stages))
+        if unknown:
+            raise ValueError(f"pipeline: knobs given for {', '.join(unknown)}, which is not among "
+                             f"its stages {list(stages)}")
+        return cls([build(name, **(part_knobs.get(name) or {})) for name in stages])
+
+    def __init__(self, parts: list[Compressor]):
+        if len(parts) < 2:
+            raise ValueError(f"pipeline.stages={[p.name for p in parts]}: expected at least two methods")
+        owner: dict[str, str] = {}
+        for part in parts:
+            if isinstance(part, Pipeline) or part.reference:
+                raise ValueError(f"pipeline.stages: {part.name} cannot be a stage of a pipeline")
+            for stage in part.stages:
+                if stage in owner:
+                    raise ValueError(f"pipeline.stages: {owner[stage]} and {part.name} both act in the "
+                                     f"{stage} stage; a pipeline has one method per stage")
+                owner[stage] = part.name
+        if "visual" in owner and parts[0].name != owner["visual"]:
+            raise ValueError(f"pipeline.stages: the visual-stage method ({owner['visual']}) must come "
+                             "first: it acts before the LLM")
+        self.parts = list(parts)
+        self.stages = frozenset(owner)
+        self._owner = {stage: next(p for p in parts if p.name == name) for stage, name in owner.items()}
+        self.needs = frozenset().union(*(p.needs for p in parts))
+        tuned = [p for p in parts if p.retention_knob is not None]
+        # the whole stack's retention is measured, so even a direct knob is searched
+        self.retention_knob = (dataclasses.replace(tuned[-1].retention_knob, direct=False,
+                                                   knob=f"{tuned[-1].name}.{tuned[-1].retention_knob.knob}")
+                               if tuned else None)
+
+    @property
+    def seed(self) -> int:
+        return self.parts[0].seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        for part in getattr(self, "parts", []):
+            part.seed = value
+
+    def compress(self, x):
+        return self._owner["visual"].compress(x)
+
+    def prefill_policy(self, llm):
+        return self._owner["prefill"].prefill_policy(llm)
+
+    def decode_policy(self, llm):
+        return self._owner["decode"].decode_policy(llm)
+
+    def with_knob(self, knob: str, value) -> "Pipeline":
+        part_name, _, inner = knob.partition(".")
+        parts = [p.with_knob(inner, value) if p.name == part_name else p for p in self.parts]
+        new = Pipeline(parts)
+        new.seed = self.seed
+        return new
+
+    def knobs(self) -> dict:
+        return {"stages": [p.name for p in self.parts], **{p.name: p.knobs() for p in self.parts}}
+
+    @property
+    def title(self) -> str:
+        return "+".join(p.name for p in self.parts)
+

@@ -1,0 +1,284 @@
+"""The shared decoder driver (methods/decoder.py) against the stock transformers model.
+
+References here never call the driver: they run the stock Qwen2 model (its own forward, with
+explicit position ids and 4-D masks where the driver keeps positions or hides entries).
+"""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import methods
+from harness.llava import LlavaOneVision
+from harness.video import preprocess, read_frames
+from methods import decoder
+from methods.base import Compressor, VideoTokens
+from methods.decoder import Keep
+
+FRAMES = 2
+QUESTION = "What colour is the moving square?\nA. red\nB. blue"
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir):
+    return LlavaOneVision(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def pixels(smoke_questions, adapter):
+    p = adapter.preprocessing
+    return preprocess(read_frames(smoke_questions.parent / "videos" / "clip_005.mp4", FRAMES),
+                      p.size, p.mean, p.std)
+
+
+class EveryThird(Compressor):
+    """A visual stage keeping every third token at its original position (test double)."""
+
+    name = "every_third"
+    stages = frozenset({"visual"})
+
+    def compress(self, x):
+        flat = x.features.flatten(0, 1)
+        keep = torch.arange(0, flat.shape[0], 3)
+        return VideoTokens(flat[keep], keep)
+
+
+def causal(n, hidden_from=None, rows=None):
+    """(1, 1, n, n) bool mask: causal, with keys `hidden_from` hidden from the query rows `rows`."""
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    if hidden_from is not None:
+        mask[torch.as_tensor(rows)[:, None], torch.as_tensor(hidden_from)[None, :]] = False
+    return mask[None, None]
+
+
+def stock_logits(adapter, embeds, positions, mask, layers=None):
+    """The stock Qwen2 forward (optionally on a slice of its layers) + the LM head."""
+    lm = adapter.model.model.language_model
+    with sliced(lm, layers), torch.no_grad():
+        hidden = lm(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                    use_cache=False).last_hidden_state
+    return adapter.model.lm_head(hidden)
+
+
+@contextmanager
+def sliced(lm, layers):
+    if layers is None:
+        yield
+        return
+    full, depth = lm.layers, lm.config.num_hidden_layers
+    lm.layers = torch.nn.ModuleList(list(full)[layers])
+    lm.config.num_hidden_layers = len(lm.layers)
+    try:
+        yield
+    finally:
+        lm.layers, lm.config.num_hidden_layers = full, depth
+
+
+def test_kept_original_positions_reach_the_llm_and_decoding(adapter, pixels):
+    compressor = EveryThird()
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, compressor, ids)
+    start, end = prompt.span
+    full = FRAMES * 196
+    positions = prompt.positions[0]
+    assert positions[start:end].tolist() == [start + i for i in range(0, full, 3)]
+    assert positions[end].item() == start + full  # the newline sits where it would uncompressed
+    assert positions[-1].item() == len(ids) - 1 + full  # as does the text after it
+    out = adapter.prefill(prompt, compressor, use_cache=True)
+    n = prompt.embeds.shape[1]
+    expected = stock_logits(adapter, prompt.embeds, prompt.positions, causal(n))
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    # a decode step continues after the last original position
+    token = out.logits[0, -1].argmax().view(1, 1)
+    step = decoder.decode(adapter.llm, out.state, token)
+    embeds = torch.cat([prompt.embeds, adapter.model.get_input_embeddings()(token)], 1)
+    pos = torch.cat([prompt.positions, prompt.positions[:, -1:] + 1], 1)
+    expected = stock_logits(adapter, embeds, pos, causal(n + 1))[:, -1:]
+    torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
+
+
+class HideEveryOther:
+    """A decode policy hiding every other cached video entry from layer `layer` on."""
+
+    def __init__(self, layer):
+        self.layer, self.calls = layer, 0
+
+    def select(self, view):
+        self.calls += 1
+        attention = view.attention()  # over the layer's cache entries and the new token
+        assert attention.ndim == 1 and attention.shape[0] > int(view.video.max()) + 1
+        assert float(attention.sum()) == pytest.approx(1.0, abs=1e-5)
+        chosen = torch.zeros(len(view.video), dtype=torch.bool)
+        chosen[::2] = True
+        return chosen
+
+
+@pytest.mark.parametrize("layer", [0, 3, 7])
+def test_decode_policy_hides_entries_from_its_layer_on(adapter, pixels, layer):
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    start, end = prompt.span
+    out = adapter.prefill(prompt, none, use_cache=True)
+    policy = HideEveryOther(layer)
+    embeds, tokens = prompt.embeds, []
+    token = out.logits[0, -1].argmax().view(1, 1)
+    lm = adapter.model.model.language_model
+    for step in range(3):
+        logits = decoder.decode(adapter.llm, out.state, token, policy)
+        embeds = torch.cat([embeds, adapter.model.get_input_embeddings()(token)], 1)
+        tokens.append(int(token))
+        n = embeds.shape[1]
+        hidden = list(range(start + 1, end, 2))  # odd video entries
+        rows = list(range(n - step - 1, n))  # the generated tokens' rows
+        masks = {True: causal(n, hidden, rows), False: causal(n)}
+
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = masks[module.self_attn.layer_idx >= layer]
+            return args, kwargs
+
+        handles = [l.register_forward_pre_hook(hook, with_kwargs=True) for l in lm.layers]
+        try:
+            expected = stock_logits(adapter, embeds, torch.arange(n)[None], causal(n))[:, -1:]
+        finally:
+            for h in handles:
+                h.remove()
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        token = logits[0, -1].argmax().view(1, 1)
+    assert policy.calls == 3
+    assert out.state.decode_video_visible == [0.5] * 3
+
+
+def test_step_attention_is_the_eager_attention_row(adapter, pixels):
+    """DecodeView.attention equals the eager model's attention of the new token at that layer."""
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    out = adapter.prefill(prompt, none, use_cache=True)
+    seen = {}
+
+    class Record:
+        layer = 3
+
+        def select(self, view):
+            seen["attention"], seen["before"] = view.attention(), view.attention(layer=2)
+            return None
+
+    token = out.logits[0, -1].argmax().view(1, 1)
+    decoder.decode(adapter.llm, out.state, token, Record())
+    eager = LlavaOneVision(adapter_path(adapter), attn_implementation="eager")
+    embeds = torch.cat([prompt.embeds, adapter.model.get_input_embeddings()(token)], 1)
+    with torch.no_grad():
+        weights = eager.model(inputs_embeds=embeds, output_attentions=True).attentions
+    torch.testing.assert_close(seen["attention"], weights[3][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(seen["before"], weights[2][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
+    assert out.state.decode_video_visible == [1.0]
+
+
+def adapter_path(adapter):
+    return adapter.model.name_or_path
+
+
+class MergePairs:
+    """Before layer `layer`, keep the even video tokens, each averaged with its odd neighbour."""
+
+    def __init__(self, layer):
+        self.layers = (layer,)
+
+    def act(self, view):
+        h = view.hidden[0, view.video]
+        pairs = h[: len(h) // 2 * 2].view(-1, 2, h.shape[-1])
+        return Keep(torch.arange(0, len(pairs) * 2, 2), pairs.mean(1))
+
+    def planned(self, video_tokens):
+        return None
+
+
+@pytest.mark.parametrize("layer", [1, 4])
+def test_prefill_merge_continues_on_the_merged_states_at_original_positions(adapter, pixels, layer):
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    start, end = prompt.span
+    out = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, MergePairs(layer),
+                          use_cache=True)
+    # reference: the stock model's hidden state entering `layer`, merged by hand, then the stock
+    # forward over the remaining layers at the kept tokens' original positions
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        h = lm(inputs_embeds=prompt.embeds, output_hidden_states=True).hidden_states[layer]
+    video = h[0, start:end]
+    merged = video.view(-1, 2, video.shape[-1]).mean(1)
+    kept = torch.cat([torch.arange(start), torch.arange(start, end, 2), torch.arange(end, h.shape[1])])
+    h = h[:, kept].clone()
+    h[0, start:start + len(merged)] = merged
+    expected = stock_logits(adapter, h, kept[None], causal(len(kept)), slice(layer, None))
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert out.layer_video_tokens == [end - start] * layer + [(end - start) // 2] * (8 - layer)
+    assert out.kept.tolist() == kept.tolist()
+    # the cache of each layer holds what that layer saw
+    assert [l.keys.shape[-2] for l in out.state.cache.layers] == (
+        [prompt.embeds.shape[1]] * layer + [len(kept)] * (8 - layer))
+
+
+class DropOddMid:
+    """Between layer `layer`'s attention and MLP, drop the odd video tokens; records attention."""
+
+    def __init__(self, layer):
+        self.layers, self.mid_layers, self.seen = (), (layer,), {}
+
+    def act(self, view):
+        assert view.mid
+        self.seen["attention"] = view.attention()  # this layer's own attention (the one just run)
+        return Keep(torch.arange(0, len(view.video), 2))
+
+    def planned(self, video_tokens):
+        return None
+
+
+@pytest.mark.parametrize("layer", [0, 5])
+def test_mid_layer_drop_runs_the_mlp_on_the_kept_tokens(adapter, pixels, layer, tiny_model_dir):
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    start, end = prompt.span
+    policy = DropOddMid(layer)
+    out = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, policy, use_cache=True)
+    # reference: norms and MLP act per token, so the layer's output on the kept rows is the stock
+    # layer's output at those rows; the stock forward then continues from the next layer
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        h = lm(inputs_embeds=prompt.embeds, output_hidden_states=True).hidden_states[layer + 1]
+    kept = torch.cat([torch.arange(start), torch.arange(start, end, 2), torch.arange(end, h.shape[1])])
+    expected = stock_logits(adapter, h[:, kept], kept[None], causal(len(kept)), slice(layer + 1, None))
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    # the layer's cache holds every token (its attention saw them), later layers only the kept
+    assert [l.keys.shape[-2] for l in out.state.cache.layers] == (
+        [prompt.embeds.shape[1]] * (layer + 1) + [len(kept)] * (7 - layer))
+    eager = LlavaOneVision(str(tiny_model_dir), attn_implementation="eager")
+    with torch.no_grad():
+        weights = eager.model(inputs_embeds=prompt.embeds, output_attentions=True).attentions[layer]
+    torch.testing.assert_close(policy.seen["attention"][0], weights[0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
+
+
+def test_a_policy_may_read_the_attention_of_the_layer_it_precedes(adapter, pixels, tiny_model_dir):
+    seen = {}
+
+    class Look:
+        layers = (3,)
+
+        def act(self, view):
+            seen["own"], seen["previous"] = view.attention(layer=3), view.attention()
+            return None
+
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    out = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, Look(), use_cache=False)
+    eager = LlavaOneVision(str(tiny_model_dir), attn_implementation="eager")
+    with torch.no_grad():
+        weights = eager.model(inputs_embeds=prompt.embeds, output_attentions=True).attentions
+    torch.testing.assert_close(seen["own"][0], weights[3][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(seen["previous"][0], weights[2][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
+    assert out.layer_video_tokens == [FRAMES * 196] * 8  # a policy that keeps everything
