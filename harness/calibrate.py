@@ -26,7 +26,7 @@ from harness.feature_cache import encode_file
 from harness.identity import digest
 from harness.rundir import write_json
 from harness.video import VideoError
-from methods.base import Compressor, VisualInput
+from methods.base import Compressor, VideoTokens, VisualInput
 from methods.flops import LLMShape, retention_numbers
 
 TOLERANCE = 0.01  # +-1 percentage point of the measure
@@ -78,12 +78,12 @@ def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: b
 
 
 def stack_retention(compressor: Compressor, video_tokens: int, full_video: int, text: int,
-                    shape: LLMShape) -> dict:
-    """The retention numbers of one prompt whose visual stage left `video_tokens` tokens, with the
-    per-layer counts the compressor's prefill policy plans."""
+                    shape: LLMShape, groups: torch.Tensor | None = None) -> dict:
+    """The retention numbers of one prompt whose visual stage left `video_tokens` tokens (with
+    these group ids, if it gives them), with the per-layer counts its prefill policy plans."""
     layers = [video_tokens] * shape.layers
     if compressor.has("prefill"):
-        planned = compressor.prefill_policy(shape).planned(video_tokens)
+        planned = compressor.prefill_policy(shape).planned(video_tokens, groups)
         if planned is None:
             raise ConfigError(f"retention targeting: {compressor.title}'s prefill keeps a data-dependent "
                               "number of tokens, so its knob cannot be matched without running the LLM; "
@@ -96,11 +96,12 @@ def mean_measure(compressor: Compressor, measure: str, data: CalibrationSet, sha
     values = []
     with torch.inference_mode():
         for i, text in enumerate(data.text_tokens):
-            video = data.full_video
+            video, groups = data.full_video, None
             if data.visual is not None:
                 out = compressor.compress(data.visual[i])
-                video = (out.tokens if hasattr(out, "tokens") else out).shape[0]
-            values.append(stack_retention(compressor, video, data.full_video, text, shape)[measure])
+                video = (out.tokens if isinstance(out, VideoTokens) else out).shape[0]
+                groups = out.groups if isinstance(out, VideoTokens) else None
+            values.append(stack_retention(compressor, video, data.full_video, text, shape, groups)[measure])
     return sum(values) / len(values)
 
 

@@ -111,6 +111,7 @@ class Prompt:
     positions: torch.Tensor  # (1, T)
     span: tuple[int, int]  # video tokens at [start, end); the newline follows at end
     run: VideoPass
+    groups: torch.Tensor | None = None  # a group id per video token, from the visual stage
 
 
 @dataclass
@@ -291,7 +292,7 @@ class LlavaOneVision:
         embeds, positions, span = self.embed(ids, tokens, newline, full)
         run.video_tokens_in, run.video_tokens_out = full, span[1] - span[0]
         run.text_tokens = len(ids)  # the placeholder becomes the newline token
-        return Prompt(embeds, positions, span, run)
+        return Prompt(embeds, positions, span, run, getattr(tokens, "groups", None))
 
     def prefill(self, prompt: Prompt, compressor: Compressor, use_cache: bool, logits_to_keep: int = 0):
         """The LLM prefill through the shared driver, with the compressor's prefill policy if any."""
@@ -299,7 +300,8 @@ class LlavaOneVision:
         policy = compressor.prefill_policy(llm.shape) if compressor.has("prefill") else None
         out = decoder.prefill(llm, prompt.embeds, prompt.positions, prompt.span, policy,
                               use_cache=use_cache, logits_to_keep=logits_to_keep,
-                              timer=lambda: self.stopwatch("compressor", prompt.run.timings))
+                              timer=lambda: self.stopwatch("compressor", prompt.run.timings),
+                              video_groups=prompt.groups)
         prompt.run.layer_video_tokens = out.layer_video_tokens
         prompt.run.video_tokens_out = first_pruned(out.layer_video_tokens)
         return out

@@ -57,6 +57,8 @@ class VideoTokens:
 
     tokens: torch.Tensor  # (M, D)
     positions: torch.Tensor  # (M,) long, ascending
+    groups: torch.Tensor | None = None  # (M,) long: a group id per token, handed to the method's own
+    # prefill policy (PrefillView.groups), for methods whose LLM stage acts per group (PruneVid)
 
 
 @dataclass(frozen=True)

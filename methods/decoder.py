@@ -74,6 +74,7 @@ class PrefillView:
     # index of each video token in the LLM's video input
     query: torch.Tensor  # (q,) indices into the sequence of the text tokens after the video
     mid: bool = False  # between `layer`'s attention and its MLP
+    groups: torch.Tensor | None = None  # (v,) group id of each video token, if the visual stage gave them
     _inputs: dict = field(default_factory=dict, repr=False)  # layer -> (module, its input, rotary)
     _apply_rotary: Callable | None = field(default=None, repr=False)
 
@@ -128,9 +129,10 @@ class PrefillPolicy(Protocol):
 
     def act(self, view: PrefillView) -> Keep | None: ...
 
-    def planned(self, video_tokens: int) -> list[int] | None:
-        """Video tokens each layer will process when `video_tokens` enter the LLM, if known
-        without running it (FLOPs matching); None when it depends on the data."""
+    def planned(self, video_tokens: int, groups: torch.Tensor | None = None) -> list[int] | None:
+        """Video tokens each layer will process when `video_tokens` enter the LLM (with these
+        group ids, if the visual stage gives them), if known without running the LLM (FLOPs
+        matching); None when it depends on the data."""
         ...
 
 
@@ -228,8 +230,9 @@ class _Sequence:
 @torch.inference_mode()
 def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tuple[int, int],
             policy: PrefillPolicy | None = None, *, use_cache: bool = True, logits_to_keep: int = 0,
-            timer: Callable | None = None) -> Prefill:
-    """Run the LLM over `embeds` (1, T, D) at `positions` (..., T); video tokens at [start, end).
+            timer: Callable | None = None, video_groups: torch.Tensor | None = None) -> Prefill:
+    """Run the LLM over `embeds` (1, T, D) at `positions` (..., T); video tokens at [start, end)
+    (with a group id each in `video_groups`, for the policy).
 
     `timer()` (a context manager) times the policy's own work (compressor time).
     """
@@ -256,9 +259,11 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
 
     def act(layer: int, at_mid: bool) -> None:
         nonlocal stale
-        view = PrefillView(layer, seq.hidden, seq.positions, seq.origin,
-                           is_video[seq.origin].nonzero().flatten(), start,
-                           (seq.origin >= end).nonzero().flatten(), at_mid, inputs, llm.apply_rotary)
+        video_entries = is_video[seq.origin].nonzero().flatten()
+        groups = None if video_groups is None else video_groups[seq.origin[video_entries] - start]
+        view = PrefillView(layer, seq.hidden, seq.positions, seq.origin, video_entries, start,
+                           (seq.origin >= end).nonzero().flatten(), at_mid, groups, inputs,
+                           llm.apply_rotary)
         with _timer(timer):
             keep = policy.act(view)
             if keep is not None:

@@ -39,7 +39,7 @@ class PruneByLastToken:
         scores = view.attention()[0, view.video]
         return Keep(top_k_ascending(scores, kept_count(self.keep, len(view.video))))
 
-    def planned(self, video_tokens: int) -> list[int]:
+    def planned(self, video_tokens: int, groups=None) -> list[int]:
         counts, current = [], video_tokens
         for i in range(self.depth):
             if i in self.layers:

@@ -191,7 +191,7 @@ class MergePairs:
         pairs = h[: len(h) // 2 * 2].view(-1, 2, h.shape[-1])
         return Keep(torch.arange(0, len(pairs) * 2, 2), pairs.mean(1))
 
-    def planned(self, video_tokens):
+    def planned(self, video_tokens, groups=None):
         return None
 
 
@@ -233,7 +233,7 @@ class DropOddMid:
         self.seen["attention"] = view.attention()  # this layer's own attention (the one just run)
         return Keep(torch.arange(0, len(view.video), 2))
 
-    def planned(self, video_tokens):
+    def planned(self, video_tokens, groups=None):
         return None
 
 
@@ -282,3 +282,32 @@ def test_a_policy_may_read_the_attention_of_the_layer_it_precedes(adapter, pixel
     torch.testing.assert_close(seen["own"][0], weights[3][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(seen["previous"][0], weights[2][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
     assert out.layer_video_tokens == [FRAMES * 196] * 8  # a policy that keeps everything
+
+
+def test_visual_groups_follow_the_tokens_into_the_policy(adapter, pixels):
+    class Grouped(Compressor):
+        name = "grouped"
+        stages = frozenset({"visual", "prefill"})
+
+        def compress(self, x):
+            flat = x.features.flatten(0, 1)
+            keep = torch.arange(0, flat.shape[0], 2)
+            return VideoTokens(flat[keep], keep, groups=keep % 7)
+
+        def prefill_policy(self, llm):
+            return self
+
+        layers = (2, 5)
+        seen = []
+
+        def act(self, view):
+            self.seen.append(view.groups.clone())
+            return Keep(torch.arange(0, len(view.video), 3))
+
+    method = Grouped()
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, method, ids)
+    adapter.prefill(prompt, method, use_cache=False)
+    first, second = method.seen
+    assert first.tolist() == [i % 7 for i in range(0, FRAMES * 196, 2)]
+    assert second.tolist() == first[::3].tolist()  # groups follow the kept tokens
