@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import torch
-from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+import methods
 from harness.feature_cache import FeatureCache, encode_file
 from harness.llava import Encoded, LlavaOneVision, VideoPass
+from harness.lmms_compat import score_one
 from harness.rundir import RunDir, sample_key
 from harness.video import VideoError
 from methods.base import Compressor
@@ -25,17 +27,6 @@ from methods.flops import LLMShape, retention_numbers
 
 class SampleError(RuntimeError):
     """A sample that cannot be run (bad document or media); recorded as failed, the run goes on."""
-
-
-def score_one(task, doc, response) -> dict:
-    """lmms_eval's own scoring of one response: the task's first filter chain, then process_results."""
-    inst = Instance(request_type="generate_until", arguments=(), idx=0,
-                    metadata={"task": task.config.task, "doc_id": 0, "repeats": 1})
-    inst.resps = [response]
-    inst.doc = doc
-    ensemble = task._filters[0]
-    ensemble.apply([inst], [doc])
-    return task.process_results(doc, [inst.filtered_resps[ensemble.name]])
 
 
 class VTCModel(lmms):
@@ -51,6 +42,47 @@ class VTCModel(lmms):
         self.done = run_dir.completed()
         self.feature_cache = feature_cache
         self._last_video: tuple[str, Encoded] | None = None  # several requests of one document
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VTCModel":
+        """Build from lmms_eval's own CLI: `python -m lmms_eval --model vtc --model_args
+        pretrained=PATH,method=scissor,tau=0.9[,frames=32,dtype=bfloat16,device=cuda,
+        max_new_tokens=16,output=DIR,seed=0] --tasks ...`.
+
+        Every other key is a knob of the method. Per-sample records go to `output` (default
+        results/lmms_eval/<model>-<method>-<hash>, resumed like a harness run); retention targets
+        that need calibration, and pipelines, need the harness (`python -m harness`)."""
+        from lmms_eval import utils
+
+        from harness.identity import digest
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "pretrained" not in args:
+            raise ValueError("--model_args needs pretrained=<LLaVA-OneVision model directory or hub id>")
+        options = {k: args.pop(k) for k in ("pretrained", "method", "frames", "dtype", "device",
+                                            "max_new_tokens", "output", "seed", "attn_implementation")
+                   if k in args}
+        name = options.get("method", "none")
+        if name == "pipeline":
+            raise ValueError("method=pipeline cannot be given in --model_args (its stages are a list); "
+                             "run it through the harness: python -m harness +method=pipeline ...")
+        compressor = methods.build(name, **args)
+        compressor.seed = int(options.get("seed", 0))
+        device = str(options.get("device") or extra.get("device") or "auto")
+        adapter = LlavaOneVision(str(options["pretrained"]), dtype=str(options.get("dtype", "bfloat16")),
+                                 device=device,
+                                 attn_implementation=str(options.get("attn_implementation", "sdpa")))
+        frames = int(options.get("frames", 32))
+        ident = {"pretrained": str(options["pretrained"]), "method": name, "knobs": compressor.knobs(),
+                 "frames": frames, "dtype": options.get("dtype", "bfloat16"), "seed": compressor.seed}
+        output = options.get("output") or (f"results/lmms_eval/{Path(str(options['pretrained'])).name}-"
+                                           f"{compressor.title}-{digest(ident)[:8]}")
+        run_dir = RunDir(output)
+        run_dir.write("config.json", {"lmms_eval_model_args": arg_string, **ident})
+        return cls(adapter, compressor, run_dir, frames=frames,
+                   max_new_tokens=int(options.get("max_new_tokens", 16)), tasks={}, metric="",
+                   live_score=False)
 
     @property
     def device(self):  # lmms_eval's collectives place their tensors here

@@ -17,6 +17,7 @@ import methods
 from harness import distributed
 from harness.errors import ConfigError
 from harness.identity import digest
+from harness.lmms_compat import leaf_tasks, task_config
 from harness.rundir import RunDir
 from harness.summary import summarize, summary_line
 from methods.base import Compressor
@@ -190,16 +191,16 @@ def load_tasks(cfg: DictConfig) -> dict:
                           + (f" (also searched {include})" if include else ""))
     spec = {"task": cfg.task.lmms_task, **OmegaConf.to_container(cfg.task.overrides, resolve=True)}
     try:
-        return dict(_leaf_tasks(get_task_dict([spec], manager)))
+        return dict(leaf_tasks(get_task_dict([spec], manager)))
     except Exception as err:
         cause = _root_cause(err)
         if not _is_missing_data(cause):
             raise
         try:
-            task_config = {**manager._get_config(cfg.task.lmms_task), **spec}
-        except (KeyError, AttributeError, TypeError):  # private lmms_eval API; only for the message
-            task_config = spec
-        raise ConfigError(_missing_data_message(cfg, task_config, cause)) from err
+            config = {**task_config(manager, cfg.task.lmms_task), **spec}
+        except (KeyError, AttributeError, TypeError):  # only for the message: never hide the cause
+            config = spec
+        raise ConfigError(_missing_data_message(cfg, config, cause)) from err
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -217,9 +218,9 @@ def _is_missing_data(err: BaseException) -> bool:
                             ConnectionError, FileNotFoundError))
 
 
-def _missing_data_message(cfg: DictConfig, task_config: dict, cause: BaseException) -> str:
-    path, name = task_config.get("dataset_path"), task_config.get("dataset_name")
-    cache = (task_config.get("dataset_kwargs") or {}).get("cache_dir")
+def _missing_data_message(cfg: DictConfig, config: dict, cause: BaseException) -> str:
+    path, name = config.get("dataset_path"), config.get("dataset_name")
+    cache = (config.get("dataset_kwargs") or {}).get("cache_dir")
     videos = os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), cache) if cache else None
     what = (f"task={cfg.task.name}: the data of lmms_eval task {cfg.task.lmms_task} is not on disk: "
             f"dataset {path}" + (f" (config {name})" if name else "")
@@ -231,17 +232,6 @@ def _missing_data_message(cfg: DictConfig, task_config: dict, cause: BaseExcepti
                    f"(lmms_eval downloads and unpacks it), or `hf download --repo-type dataset {path}` "
                    f"and unpack its video archives under {videos or '$HF_HOME'}; then set HF_HOME "
                    f"(or task.env.HF_HOME) to that directory here.")
-
-
-def _leaf_tasks(task_dict):
-    for name, value in task_dict.items():
-        if isinstance(value, dict):
-            yield from _leaf_tasks(value)
-        elif isinstance(value, tuple):
-            if value[1] is not None:
-                yield name, value[1]
-        else:
-            yield name, value
 
 
 def run(cfg: DictConfig) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import ConfigError
+from harness.lmms_compat import is_mean
 from harness.rundir import RunDir
 
 TIMINGS = ("vision", "compressor", "prefill", "decode")
@@ -65,7 +66,7 @@ def score_ci(cfg, task_obj, key: str, per_sample: list) -> list[float] | None:
     where = f"{cfg.task.lmms_task}.{key}"
     aggregate = task_obj.aggregation().get(cfg.task.metric) if task_obj is not None else None
     scalar = all(isinstance(v, (int, float)) for v in per_sample)
-    if scalar and (aggregate is None or aggregate.__name__ == "mean"):
+    if scalar and (aggregate is None or is_mean(aggregate)):
         return bootstrap_ci([to_100(float(v), cfg.task.scale, where) for v in per_sample],
                             seed=cfg.seed)
     if aggregate is None:

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from harness.errors import ConfigError
-from harness.lmms_model import score_one
+from harness.lmms_compat import score_one
 from harness.run import load_tasks, run
 from harness.summary import to_100
 from harness.table import write_tables

@@ -1,0 +1,53 @@
+"""Every use of lmms_eval beyond its documented API, in one place.
+
+The harness needs a few things lmms_eval does not expose publicly: scoring one response the way
+its evaluator does (the task's filter ensemble, then process_results), a task's raw YAML config
+(to name the dataset in an error), the layout of `get_task_dict`'s result (groups as tuples), and
+whether a metric's aggregation is a plain mean. Each is wrapped here and has a contract test
+(tests/test_lmms_compat.py), so an lmms_eval upgrade that changes one fails one clear test instead
+of a run. The pinned version is in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from lmms_eval.api.instance import Instance
+
+
+def score_one(task, doc, response) -> dict:
+    """lmms_eval's own scoring of one generated response: the task's first filter ensemble (private
+    `Task._filters`), then `process_results`, as `evaluator.evaluate` does per instance."""
+    inst = Instance(request_type="generate_until", arguments=(), idx=0,
+                    metadata={"task": task.config.task, "doc_id": 0, "repeats": 1})
+    inst.resps = [response]
+    inst.doc = doc
+    ensemble = task._filters[0]
+    ensemble.apply([inst], [doc])
+    return task.process_results(doc, [inst.filtered_resps[ensemble.name]])
+
+
+def task_config(manager, name: str) -> dict:
+    """The raw config of task `name` as the TaskManager read it (private `_get_config`)."""
+    return manager._get_config(name)
+
+
+def leaf_tasks(task_dict: dict) -> Iterator[tuple[str, object]]:
+    """(name, Task) of every task in `get_task_dict`'s result: groups nest as dicts, and a grouped
+    task appears as a (group config, Task) tuple whose Task may be None."""
+    for name, value in task_dict.items():
+        if isinstance(value, dict):
+            yield from leaf_tasks(value)
+        elif isinstance(value, tuple):
+            if value[1] is not None:
+                yield name, value[1]
+        else:
+            yield name, value
+
+
+def is_mean(aggregate) -> bool:
+    """Whether a task's aggregation function is lmms_eval's registered `mean`."""
+    import lmms_eval.api.metrics  # noqa: F401  (registers the built-in aggregations)
+    from lmms_eval.api.registry import get_aggregation
+
+    return aggregate is get_aggregation("mean")
