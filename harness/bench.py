@@ -20,7 +20,7 @@ import torch
 
 import methods
 from harness.llava import LlavaOneVision
-from harness.video import preprocess, read_frames
+from harness.video import read_frames
 
 DEFAULT_METHODS = ["none", "scissor:tau=0.9", "uniform:retention=0.25", "topk:retention=0.25",
                    "fastv:keep=0.25"]
@@ -42,7 +42,7 @@ def parse_method(spec: str):
 
 def bench(adapter: LlavaOneVision, videos: list[Path], specs: list[str], frames: int, repeats: int):
     p = adapter.preprocessing
-    pixels = [preprocess(read_frames(v, frames), p.size, p.mean, p.std) for v in videos]
+    pixels = [p.apply(read_frames(v, frames)) for v in videos]
     question = "What colour is the moving square?\nA. red\nB. green\nC. blue\nD. white\nAnswer:"
     rows = []
     for spec in specs:

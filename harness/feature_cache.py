@@ -15,7 +15,7 @@ import torch
 
 from harness.identity import digest
 from harness.llava import Encoded
-from harness.video import VideoError, preprocess, read_frames
+from harness.video import VideoError, read_frames
 from methods.base import VisualInput
 
 
@@ -66,8 +66,7 @@ def encode_file(adapter, path: str, frames: int, needs: frozenset,
     key = cache.key(path, frames, p, needs) if cache is not None else None
     encoded = cache.load(key, adapter.device) if key else None
     if encoded is None:
-        encoded = adapter.encode_video(preprocess(read_frames(path, frames), p.size, p.mean, p.std),
-                                       needs)
+        encoded = adapter.encode_video(p.apply(read_frames(path, frames)), needs)
         if key:
             cache.save(key, encoded)
     return encoded

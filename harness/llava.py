@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from harness.timing import Stopwatch
+from harness.video import preprocess
 from methods import decoder
 from methods.base import Compressor, VideoTokens, VisualInput
 from methods.decoder import LLM
@@ -75,18 +76,47 @@ def _read_json(path: Path) -> dict | None:
 
 @dataclass
 class Preprocessing:
+    """The checkpoint's video preprocessing (harness/video.py applies it)."""
+
     size: int
     mean: list[float]
     std: list[float]
+    rescale: float = 1 / 255
 
     @classmethod
-    def from_model_dir(cls, directory: Path, default_size: int) -> "Preprocessing":
-        cfg = (_read_json(directory / "video_preprocessor_config.json")
-               or _read_json(directory / "preprocessor_config.json") or {})
-        size = cfg.get("size", {})
-        size = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
-        return cls(size=int(size or default_size), mean=list(cfg.get("image_mean", [0.5] * 3)),
-                   std=list(cfg.get("image_std", [0.5] * 3)))
+    def from_model_dir(cls, directory: Path) -> "Preprocessing":
+        """Read video_preprocessor_config.json (else preprocessor_config.json); what it leaves out
+        takes transformers' LlavaOnevisionVideoProcessor defaults, as the processor would. Settings
+        harness/video.py does not implement are an error naming the file and field."""
+        from transformers.models.llava_onevision.video_processing_llava_onevision import (
+            LlavaOnevisionVideoProcessor as Stock)
+
+        path = directory / "video_preprocessor_config.json"
+        if not path.is_file():
+            path = directory / "preprocessor_config.json"
+        cfg = _read_json(path) or {}
+        setting = {k: cfg.get(k, getattr(Stock, k)) for k in (
+            "size", "image_mean", "image_std", "rescale_factor", "resample", "do_resize", "do_rescale",
+            "do_normalize", "do_center_crop")}
+        expected = {"resample": 3, "do_resize": True, "do_rescale": True, "do_normalize": True}
+        for key, value in expected.items():
+            if setting[key] != value:
+                raise ModelLoadError(f"{path}: {key}={setting[key]!r}: the harness implements the "
+                                     f"LLaVA-OneVision video preprocessing with {key}={value!r}")
+        if setting["do_center_crop"]:
+            raise ModelLoadError(f"{path}: do_center_crop=true: the harness implements the "
+                                 "LLaVA-OneVision video preprocessing without a centre crop")
+        size = setting["size"]
+        if isinstance(size, dict):
+            if size.get("height") != size.get("width") or not size.get("height"):
+                raise ModelLoadError(f"{path}: size={size}: expected a square {{height, width}}")
+            size = size["height"]
+        return cls(size=int(size), mean=list(setting["image_mean"]), std=list(setting["image_std"]),
+                   rescale=float(setting["rescale_factor"]))
+
+    def apply(self, frames) -> torch.Tensor:
+        """uint8 (F, H, W, 3) frames -> the encoder's (F, 3, size, size) input."""
+        return preprocess(frames, self.size, self.mean, self.std, self.rescale)
 
 
 @dataclass
@@ -146,7 +176,7 @@ class LlavaOneVision:
         self.patch_grid = vision.image_size // vision.patch_size  # 27 for SigLIP 384/14
         self.grid = (math.ceil(self.patch_grid / 2),) * 2  # OneVision's 2x2 bilinear pooling
         self.tokens_per_frame = self.grid[0] * self.grid[1]
-        self.preprocessing = Preprocessing.from_model_dir(directory, vision.image_size)
+        self.preprocessing = Preprocessing.from_model_dir(directory)
         self.chat_template = self._chat_template(directory)
         self.video_token_id = self.config.video_token_id
         self.stop_ids = {i for i in (self.tokenizer.eos_token_id, self.config.text_config.eos_token_id)

@@ -1,7 +1,11 @@
 """Reading videos and turning frames into the vision encoder's input, without torchvision.
 
-Matches LLaVA-OneVision's video preprocessing: uniform frame sampling, resize to the encoder's
-square input with bicubic antialiasing, scale by 1/255, normalise with the checkpoint's mean/std.
+Matches LLaVA-OneVision's video preprocessing step for step (transformers'
+`LlavaOnevisionVideoProcessor`, whose resize is torchvision's `resize` on the uint8 frames): uniform
+frame sampling as lmms_eval's llava_onevision model does, a bicubic antialiased resize of the uint8
+frames to the encoder's square input (torch's uint8 kernel, which torchvision uses on the CPU, so
+the resized pixels are whole numbers as there), then the fused rescale-and-normalise,
+(x - 255 mean) / (255 std). tests/test_preprocessing.py proves the equality.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ def read_frames(path: str | Path, count: int) -> np.ndarray:
         raise VideoError(f"cannot decode video {path}: {str(err).splitlines()[0]}") from err
 
 
-def preprocess(frames: np.ndarray, size: int, mean, std) -> torch.Tensor:
+def preprocess(frames: np.ndarray, size: int, mean, std, rescale: float = 1 / 255) -> torch.Tensor:
     """uint8 (F, H, W, 3) -> float32 (F, 3, size, size), resized, rescaled and normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    if frames.dtype != np.uint8:
+        raise VideoError(f"frames must be uint8 RGB, got {frames.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
     x = nnf.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    x = x.clamp_(0, 255) / 255.0
-    mean = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    # rescale folded into the normalisation, as the processor fuses them
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / rescale
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) / rescale
+    return (x.float() - mean) / std
