@@ -1,5 +1,13 @@
-"""`python -m harness [+method=NAME] [knob=value ...]` -- see README.md."""
+"""`python -m harness [+method=NAME] [knob=value ...]` -- see README.md.
 
+Whatever goes wrong ends in one `error:` line: a bad config value names the field and what was
+expected; anything else names the exception, the log file holding its full traceback and the run's
+results directory (HYDRA_FULL_ERROR=1 shows the traceback on the terminal too). In a multirun the
+point is recorded as failed and the sweep goes on.
+"""
+
+import logging
+import os
 import sys
 
 import hydra
@@ -10,19 +18,43 @@ from harness.errors import ConfigError
 from harness.llava import ModelLoadError
 
 
+def _where(cfg: DictConfig) -> str:
+    """'; results in DIR' for the run `cfg` describes, when its directory exists."""
+    from pathlib import Path
+
+    from harness.run import choose_method, run_id
+
+    try:
+        path = Path(cfg.results_dir) / (cfg.run_id or run_id(cfg, choose_method(cfg)))
+    except Exception:  # the error being reported may be this very config's
+        return ""
+    return f"; results in {path}" if path.is_dir() else ""
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig):
+    from harness.quiet import log_file
     from harness.run import record_job_error, record_job_output, run
 
     try:
         path = run(cfg)
     except (ConfigError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        if record_job_error(err):  # in a sweep: this point is reported, the others still run
-            return None
-        sys.exit(2)
-    record_job_output(path)
-    return str(path)
+        message = str(err)
+    except Exception as err:  # noqa: BLE001  (every failure becomes one line; the log keeps it all)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        logging.getLogger("harness").exception("the run failed")
+        log = log_file()
+        message = (f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                   + (f" (full traceback in {log}" if log else " (run with HYDRA_FULL_ERROR=1 for the traceback")
+                   + f"{_where(cfg)})")
+    else:
+        record_job_output(path)
+        return str(path)
+    print(f"error: {message}", file=sys.stderr)
+    if record_job_error(message):  # in a sweep: this point is reported, the others still run
+        return None
+    sys.exit(2)
 
 
 if __name__ == "__main__":

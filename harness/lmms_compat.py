@@ -10,6 +10,7 @@ of a run. The pinned version is in pyproject.toml.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 from lmms_eval.api.instance import Instance
@@ -51,3 +52,23 @@ def is_mean(aggregate) -> bool:
     from lmms_eval.api.registry import get_aggregation
 
     return aggregate is get_aggregation("mean")
+
+
+@contextmanager
+def silent_progress():
+    """lmms_eval's own progress bars (building requests, postprocessing) switched off: the harness
+    shows one bar over samples. They are the module-level `tqdm` of its task and evaluator modules."""
+    import lmms_eval.api.task as task_module
+    import lmms_eval.evaluator as evaluator_module
+
+    def hidden(bar):
+        def make(*args, **kwargs):
+            return bar(*args, **{**kwargs, "disable": True})
+        return make
+
+    saved = task_module.tqdm, evaluator_module.tqdm
+    task_module.tqdm, evaluator_module.tqdm = hidden(saved[0]), hidden(saved[1])
+    try:
+        yield
+    finally:
+        task_module.tqdm, evaluator_module.tqdm = saved

@@ -17,9 +17,13 @@ import methods
 from harness import distributed
 from harness.errors import ConfigError
 from harness.identity import digest
-from harness.lmms_compat import leaf_tasks, task_config
+from harness.data_files import changed, task_files
+from harness.lmms_compat import leaf_tasks, silent_progress, task_config
+from harness.quiet import log_file, quiet_libraries
 from harness.rundir import RunDir
 from harness.summary import summarize, summary_line
+from harness.timing import step
+from harness.validate import check_config, check_method_fits, read_model_config
 from methods.base import Compressor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -245,27 +249,39 @@ def run(cfg: DictConfig) -> Path:
     from harness.loggers import make_logger
     from harness.tiny_model import build_tiny_model
 
+    check_config(cfg)
     choice = choose_method(cfg)
     check_task_requirements(cfg)
+    quiet_libraries(log_file())
     rank, world_size = distributed.world()
     rid = cfg.run_id or run_id(cfg, choice)
     run_dir = RunDir(Path(cfg.results_dir) / rid, rank=rank)
     done = run_dir.read("summary.json") if cfg.resume else None
-    if done is not None and not done["n_failed"] and len(run_dir.completed()) >= done["n_samples"]:
-        # a finished run (e.g. a restarted sweep's earlier point): nothing to load or compute;
-        # runs with failed samples go on, to try those again
+    earlier = run_dir.read("config.json")
+    if (done is not None and not done["n_failed"] and len(run_dir.completed()) >= done["n_samples"]
+            and earlier is not None and not changed(earlier.get("data_files", {}))):
+        # a finished run (e.g. a restarted sweep's earlier point) on unchanged data: nothing to
+        # load or compute; runs with failed samples go on, to try those again
         if rank == 0:
             print(summary_line(done) + " (already complete)", flush=True)
         return run_dir.path
     with distributed.main_process_first():  # shared files are written once
         if not cfg.resume and rank == 0:
             run_dir.clear_samples()
-        prepare_task_data(cfg)
+        if cfg.task.generator:
+            with step(f"preparing the data of task {cfg.task.name}"):
+                prepare_task_data(cfg)
         if cfg.model.build_tiny:
-            build_tiny_model(cfg.model.path, seed=cfg.seed)
-    tasks = load_tasks(cfg)
-    adapter = LlavaOneVision(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
-                             attn_implementation=cfg.model.attn_implementation)
+            with step(f"building model {cfg.model.name}"):
+                build_tiny_model(cfg.model.path, seed=cfg.seed)
+    check_method_fits(choice.build(), read_model_config(cfg.model.path))
+    with step(f"loading lmms_eval task {cfg.task.lmms_task}"):
+        tasks = load_tasks(cfg)
+    data_files = task_files(tasks, cfg.task.limit,
+                            OmegaConf.to_container(cfg.task.overrides, resolve=True).get("dataset_kwargs"))
+    with step(f"loading model {cfg.model.name} ({cfg.model.dtype}, {cfg.model.device})"):
+        adapter = LlavaOneVision(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
+                                 attn_implementation=cfg.model.attn_implementation)
     features = (FeatureCache(Path(cfg.cache_dir) / "features", adapter.fingerprint)
                 if cfg.feature_cache else None)
     compressor = choice.build()
@@ -281,30 +297,35 @@ def run(cfg: DictConfig) -> Path:
             compressor = compressor.with_knob(knob, value)
     knobs = compressor.knobs()
 
-    earlier = run_dir.read("config.json")
-    if earlier is not None and earlier["method"]["knobs"] != knobs and rank == 0:
-        # a retention target calibrated to another knob value (e.g. a changed model or data):
-        # the samples on disk answer a different configuration
-        print(f"note: {run_dir.path.name} was run with {earlier['method']['knobs']}, now {knobs}: "
-              "starting its samples afresh", file=sys.stderr)
-        run_dir.clear_samples()
+    if earlier is not None and rank == 0 and run_dir.completed():
+        # samples on disk that answer another configuration or other data are not resumed:
+        # a retention target calibrated to another knob value, regenerated or edited videos
+        moved = changed(earlier.get("data_files", {})) + sorted(set(data_files) - set(earlier.get("data_files", {})))
+        if earlier["method"]["knobs"] != knobs or moved:
+            why = (f"it was run with {earlier['method']['knobs']}, now {knobs}" if not moved else
+                   f"{len(moved)} of its data files changed since (e.g. {moved[0]})")
+            print(f"note: {len(run_dir.completed())} samples of {run_dir.path.name} were discarded: {why}",
+                  file=sys.stderr)
+            run_dir.clear_samples()
     distributed.barrier()
     if rank == 0:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run_dir.write("config.json", {"config": resolved, "world_size": world_size, "method": {
             "name": choice.name, "knobs": knobs, "label": choice.label,
-            "target_retention": choice.target_retention, "calibration": calibration}})
+            "target_retention": choice.target_retention, "calibration": calibration},
+            "data_files": data_files})
         (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         run_dir.write("versions.json", versions())
 
     lm = VTCModel(adapter, compressor, run_dir, frames=cfg.model.frames,
                   max_new_tokens=cfg.model.max_new_tokens, tasks=tasks, metric=cfg.task.metric,
                   live_score=cfg.task.live_score, progress=cfg.progress, feature_cache=features)
-    results = evaluator.simple_evaluate(
-        model=lm, tasks=list(tasks.values()), limit=cfg.task.limit, batch_size=1,
-        log_samples=True, bootstrap_iters=0, verbosity="ERROR", random_seed=cfg.seed,
-        distributed_executor_backend="torchrun",
-        numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    with silent_progress():
+        results = evaluator.simple_evaluate(
+            model=lm, tasks=list(tasks.values()), limit=cfg.task.limit, batch_size=1,
+            log_samples=True, bootstrap_iters=0, verbosity="ERROR", random_seed=cfg.seed,
+            distributed_executor_backend="torchrun",
+            numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
     run_dir.close()
     if results is None:  # a non-zero rank in a distributed run: rank 0 writes the results
         return run_dir.path
@@ -326,7 +347,7 @@ def _job_dir() -> Path | None:
     return out
 
 
-def record_job_error(err: Exception) -> bool:
+def record_job_error(err: Exception | str) -> bool:
     """In a multirun, leave the error in the job's directory for the sweep table; True if so."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

@@ -26,3 +26,14 @@ class Stopwatch:
             start = time.perf_counter()
             yield
             into[name] = into.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def step(what: str, stream=None):
+    """One terminal line for a setup step that takes time: `what ... 1.23 s` when it is done."""
+    import sys
+
+    stream = stream or sys.stderr
+    start = time.perf_counter()
+    yield
+    print(f"{what} ... {time.perf_counter() - start:.2f} s", file=stream, flush=True)

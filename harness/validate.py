@@ -1,0 +1,86 @@
+"""Every config value with a type or a range, checked before anything loads.
+
+Each check raises ConfigError naming the field, what was given and what was expected. Method knobs
+are checked by the method itself when it is built (harness.run.choose_method); knobs that depend on
+the model (a layer index below the LLM's depth) are checked against the model's config.json here,
+before its weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from harness.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def _int(field: str, value, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        expected = f"an integer >= {low}" + (" or null" if optional else "")
+        raise ConfigError(f"{field}={value!r}: expected {expected}")
+
+
+def check_config(cfg) -> None:
+    """The model, task and run fields of a composed config (cfg: the Hydra config)."""
+    model, task = cfg.model, cfg.task
+    _int("model.frames", model.frames, 1)
+    _int("model.max_new_tokens", model.max_new_tokens, 1)
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={model.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if not DEVICE.match(str(model.device)):
+        raise ConfigError(f"model.device={model.device!r}: expected auto, cpu, mps, cuda or cuda:N")
+    if model.attn_implementation not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={model.attn_implementation!r}: expected one "
+                          f"of {', '.join(ATTENTION)}")
+    _int("task.limit", task.limit, 1, optional=True)
+    _int("task.calibration_size", task.calibration_size, 1)
+    _int("seed", cfg.seed, 0)
+    if cfg.retention is not None and not 0 < cfg.retention <= 1:
+        raise ConfigError(f"retention={cfg.retention}: expected a value in (0, 1]")
+    if cfg.tau is not None and not -1 <= cfg.tau <= 1:
+        raise ConfigError(f"tau={cfg.tau}: expected a cosine threshold in [-1, 1]")
+
+
+def read_model_config(path: str) -> dict | None:
+    """The model directory's config.json as a dict (None for a hub id not on disk); a file that is
+    not valid JSON is an error naming it and where it breaks."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model.path={path}: {config} is not valid JSON (line {err.lineno}, column "
+                          f"{err.colno}: {err.msg}); expected a Hugging Face model config") from None
+    if not isinstance(data, dict) or not isinstance(data.get("text_config"), dict):
+        raise ConfigError(f"model.path={path}: {config} has no text_config: expected a "
+                          "LLaVA-OneVision config (model_type llava_onevision)")
+    return data
+
+
+def check_method_fits(compressor, config: dict | None) -> None:
+    """Build the method's LLM-stage policies for the model's depth (e.g. FastV's K < layers), from
+    config.json alone, so a bad knob stops before the weights load."""
+    if config is None:
+        return
+    from methods.flops import LLMShape
+
+    text = config["text_config"]
+    try:
+        shape = LLMShape(text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"])
+    except KeyError as err:
+        raise ConfigError(f"the model's config.json has no text_config.{err.args[0]}") from None
+    try:
+        if compressor.has("prefill"):
+            compressor.prefill_policy(shape)
+        if compressor.has("decode"):
+            compressor.decode_policy(shape)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
