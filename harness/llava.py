@@ -29,8 +29,9 @@ class ModelLoadError(RuntimeError):
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":  # one GPU per process in data-parallel runs
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        from harness.distributed import local_rank
+
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
