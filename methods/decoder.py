@@ -290,7 +290,8 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
     logits = llm.head(llm.norm(hidden))
     state = None
     if cache is not None:
-        nxt = positions.amax(dim=-1, keepdim=True) + 1
+        # after the largest position id of the prompt (3-D rotary ids: the same for all axes)
+        nxt = (positions.amax() + 1).expand(*positions.shape[:-1], 1).clone()
         state = DecoderState(cache, layer_origin, is_video, nxt)
     return Prefill(logits, state, seq.origin, counts)
 
