@@ -13,14 +13,20 @@ def test_scores_are_normalised_and_a_wrong_scale_fails_loudly():
         to_100(62.5, 1.0, "videomme.score")
 
 
-def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+def test_bootstrap_interval_is_seeded_and_has_the_sampling_distribution_s_width():
     values = [0.0, 100.0] * 20
     assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3)
+    spread = [float(i * i) for i in range(40)]
+    assert bootstrap_ci(spread, seed=3) != bootstrap_ci(spread, seed=4)  # the seed is used
+    # a resample's mean is 100 * Binomial(40, 1/2) / 40: its 2.5 % and 97.5 % quantiles are 35 and 65
     low, high = bootstrap_ci(values)
-    assert low < 50.0 < high
+    assert low == pytest.approx(35.0, abs=2.5) and high == pytest.approx(65.0, abs=2.5)
     assert bootstrap_ci([1.0]) is None
-    median = bootstrap_ci(values, statistic=lambda vs: sorted(vs)[len(vs) // 2])
-    assert median[0] <= median[1]
+    assert bootstrap_ci([7.0] * 30) == [7.0, 7.0]  # no spread, no interval width
+    # a custom statistic (a task's own aggregation) is what gets resampled: the max of a resample
+    # of 39 zeros and one 100 is 100 unless the 100 is missed (probability (39/40)^40 = 36 %)
+    low, high = bootstrap_ci([0.0] * 39 + [100.0], statistic=max)
+    assert (low, high) == (0.0, 100.0)
 
 
 def test_agreement_compares_answers_on_the_same_samples():

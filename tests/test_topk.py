@@ -55,10 +55,15 @@ def test_equal_scores_go_to_the_lower_index():
 
 
 def test_pooled_scores_use_the_feature_pooling():
-    scores = torch.rand(3, 729)
+    """Bilinear resizing (align_corners=False, as OneVision pools its features 27x27 -> 14x14)
+    keeps a linear map linear: output (i, j) samples the input at ((i + .5) 27/14 - .5, ...)."""
+    rows, cols = torch.meshgrid(torch.arange(27.0), torch.arange(27.0), indexing="ij")
+    scores = torch.stack([rows + 2 * cols, 3 * rows - cols, torch.full((27, 27), 5.0)]).flatten(1)
     pooled = pooled_scores(scores, (14, 14))
-    expected = torch.nn.functional.interpolate(scores.view(3, 1, 27, 27), size=(14, 14), mode="bilinear")
-    torch.testing.assert_close(pooled, expected.flatten(1))
+    src = (torch.arange(14.0) + 0.5) * 27 / 14 - 0.5
+    r, c = torch.meshgrid(src, src, indexing="ij")
+    expected = torch.stack([r + 2 * c, 3 * r - c, torch.full((14, 14), 5.0)]).flatten(1)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-4)
 
 
 def test_full_retention_equals_none(adapter):
