@@ -130,7 +130,8 @@ class VideoPass:
     layer_video_tokens: list[int] = field(default_factory=list)  # video tokens per LLM layer
     decode_video_visible: list[float] = field(default_factory=list)  # per decode step, share of the
     # cached video entries a decode policy let later layers attend to
-    timings: dict = field(default_factory=dict)  # seconds: vision, compressor, prefill, decode
+    timings: dict = field(default_factory=dict)  # seconds: vision, compressor, prefill, decode, ttft
+    decode_steps: int = 0  # generated tokens fed back through the LLM
     vision_cached: bool = False  # features came from the feature cache (vision time is 0)
 
 
@@ -340,13 +341,19 @@ class LlavaOneVision:
     @torch.inference_mode()
     def generate(self, video, question: str, compressor: Compressor, max_new_tokens: int,
                  until: list[str] = ()):
-        """Greedy answer to `question` about the video; returns (text, VideoPass)."""
-        ids, _ = self.prompt_ids(question)
-        prompt = self.prepare(video, compressor, ids)
-        run, llm = prompt.run, self.llm
-        with self.stopwatch("prefill", run.timings):
-            out = self.prefill(prompt, compressor, use_cache=True, logits_to_keep=1)
-            next_id = out.logits[0, -1].argmax()
+        """Greedy answer to `question` about the video; returns (text, VideoPass).
+
+        Timings: vision, compressor, prefill, decode, and ttft (from the call to the first token,
+        the vision encoder included unless the video came encoded)."""
+        ttft = {}
+        with self.stopwatch("ttft", ttft):
+            ids, _ = self.prompt_ids(question)
+            prompt = self.prepare(video, compressor, ids)
+            run, llm = prompt.run, self.llm
+            with self.stopwatch("prefill", run.timings):
+                out = self.prefill(prompt, compressor, use_cache=True, logits_to_keep=1)
+                next_id = out.logits[0, -1].argmax()
+        run.timings["ttft"] = ttft["ttft"]
         policy = compressor.decode_policy(llm.shape) if compressor.has("decode") else None
         generated = []
         with self.stopwatch("decode", run.timings):
@@ -359,6 +366,7 @@ class LlavaOneVision:
                     break
                 logits = decoder.decode(llm, out.state, next_id.view(1, 1), policy,
                                         timer=lambda: self.stopwatch("compressor", run.timings))
+                run.decode_steps += 1
                 next_id = logits[0, -1].argmax()
         run.decode_video_visible = out.state.decode_video_visible
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
@@ -370,10 +378,13 @@ class LlavaOneVision:
     @torch.inference_mode()
     def loglikelihood(self, video, question: str, answer: str, compressor: Compressor):
         """(sum log p(answer | prompt), whether greedy decoding gives the answer, VideoPass)."""
-        ids, n_answer = self.prompt_ids(question, answer)
-        prompt = self.prepare(video, compressor, ids)
-        with self.stopwatch("prefill", prompt.run.timings):
-            logits = self.prefill(prompt, compressor, use_cache=False).logits[0].float()
+        ttft = {}
+        with self.stopwatch("ttft", ttft):
+            ids, n_answer = self.prompt_ids(question, answer)
+            prompt = self.prepare(video, compressor, ids)
+            with self.stopwatch("prefill", prompt.run.timings):
+                logits = self.prefill(prompt, compressor, use_cache=False).logits[0].float()
+        prompt.run.timings["ttft"] = ttft["ttft"]
         targets = torch.tensor(ids[-n_answer:], device=logits.device)
         rows = logits[-n_answer - 1:-1].log_softmax(-1)
         logprob = rows.gather(1, targets[:, None]).sum().item()

@@ -213,7 +213,8 @@ def test_cached_decoding_matches_masked_full_recompute(adapter, eager, pixels, K
 
     text, run = adapter.generate(pixels, QUESTION, compressor, max_new_tokens=steps)
     assert text == adapter.tokenizer.decode(tokens, skip_special_tokens=True)
-    assert set(run.timings) == {"vision", "compressor", "prefill", "decode"}
+    assert set(run.timings) == {"vision", "compressor", "prefill", "decode", "ttft"}
+    assert run.timings["ttft"] >= run.timings["prefill"] + run.timings["vision"]
     assert 0 < run.timings["compressor"] < run.timings["prefill"]
 
 

@@ -72,7 +72,8 @@ def test_generation_with_cache_matches_full_recompute(adapter, pixels):
         emb = adapter.model.get_input_embeddings()(torch.tensor([[nxt]]))
         embeds = torch.cat([embeds, emb], 1)
     assert text == adapter.tokenizer.decode(tokens, skip_special_tokens=True)
-    assert set(run.timings) == {"vision", "compressor", "prefill", "decode"}
+    assert set(run.timings) == {"vision", "compressor", "prefill", "decode", "ttft"}
+    assert run.timings["ttft"] >= run.timings["prefill"] + run.timings["vision"]
 
 
 def test_loglikelihood_matches_logits(adapter, pixels):
