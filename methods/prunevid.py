@@ -183,25 +183,30 @@ def prunevid_compress(features: torch.Tensor, segment_ratio: float = 0.25, tau: 
     order = torch.argsort((~static).to(torch.uint8), dim=1, stable=True)  # static first, each ascending
     sizes = static.sum(1).tolist()  # the one host sync: set sizes decide the shapes
 
-    tokens, positions, groups = [], [], []
+    pieces, positions, groups = [], [], []
     for s, ((a, b), size) in enumerate(zip(segments, sizes)):
         # static: one set per segment, placed in its first frame
         grid = order[s, :size]
         merged, centres = _cluster(means[s, grid][None], cluster_ratio, generator)
-        tokens.append(merged[0])
+        pieces.append(merged[0])
         positions.append(a * n + grid[centres[0]])
         groups.append(torch.full((centres.shape[1],), frames + s, device=device))
         # dynamic: one set per frame, the same grid positions in every frame of the segment
         grid = order[s, size:]
-        merged, centres = _cluster(x[a:b, grid], cluster_ratio, generator)
+        merged, centres = _cluster(x[a:b] if size == 0 else x[a:b, grid], cluster_ratio, generator)
         frame = torch.arange(a, b, device=device)[:, None]
-        tokens.append(merged.flatten(0, 1))
+        pieces.append(merged.flatten(0, 1))
         positions.append((frame * n + grid[centres]).flatten())
         groups.append(frame.expand_as(centres).flatten())
     positions = torch.cat(positions)
     order = torch.argsort(positions)
-    return VideoTokens(torch.cat(tokens)[order].to(features.dtype), positions[order],
-                       torch.cat(groups)[order])
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=device))
+    tokens = features.new_empty(len(order), dim)  # each piece written once, at its tokens' ranks
+    start = 0
+    for piece in pieces:
+        tokens.index_copy_(0, rank[start:start + len(piece)], piece.to(features.dtype))
+        start += len(piece)
+    return VideoTokens(tokens, positions[order], torch.cat(groups)[order])
 
 
 # ---- prefill stage ---------------------------------------------------------------------------------
