@@ -56,7 +56,9 @@ Deviations, and choices where the official code leaves room:
   (round(10 * L / 28), within 1..L-2) so that the 8-layer tiny model works.
 `retention=r` calibrates cluster_ratio (rho_tok, bisection): rho_tok counts the video tokens at the
 first pruned LLM layer, i.e. after both stages; `planned` gives the exact per-layer counts from the
-visual stage's groups.
+visual stage's groups. The reachable range is therefore at most llm_keep times what the static merge
+leaves at cluster_ratio = 1: on the smoke task (the tiny model's frames are nearly all static at
+tau = 0.8) that is 0-8 %, and retention=0.25 needs method.tau=1.0 (no static merging).
 """
 
 from __future__ import annotations
