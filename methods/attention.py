@@ -17,7 +17,7 @@ def _repeat_kv(k: torch.Tensor, groups: int) -> torch.Tensor:
     return k if groups == 1 else k.repeat_interleave(groups, dim=1)
 
 
-def _project(attn, x: torch.Tensor, which: str) -> torch.Tensor:
+def project(attn, x: torch.Tensor, which: str) -> torch.Tensor:
     """(1, n, D) normed input -> (1, heads, n, hd) queries or keys (with per-head norms if any)."""
     proj, norm = (attn.q_proj, "q_norm") if which == "q" else (attn.k_proj, "k_norm")
     out = proj(x).view(1, x.shape[1], -1, attn.head_dim)
@@ -36,8 +36,8 @@ def query_attention(layer, hidden: torch.Tensor, position_embeddings, queries: t
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    q = _project(attn, x[:, queries], "q")
-    k = _project(attn, x, "k")
+    q = project(attn, x[:, queries], "q")
+    k = project(attn, x, "k")
     cos, sin = position_embeddings
     q, _ = apply_rotary(q, q, cos[..., queries, :], sin[..., queries, :])
     _, k = apply_rotary(k, k, cos, sin)
@@ -57,7 +57,7 @@ def step_attention(layer, hidden: torch.Tensor, position_embeddings, past_keys: 
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    q, k = _project(attn, x, "q"), _project(attn, x, "k")
+    q, k = project(attn, x, "q"), project(attn, x, "k")
     cos, sin = position_embeddings
     q, k = apply_rotary(q, k, cos, sin)
     keys = _repeat_kv(torch.cat([past_keys, k], dim=2), attn.num_key_value_groups)

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 
 from methods import register
-from methods.attention import _project
+from methods.attention import project
 from methods.base import Compressor, RetentionKnob, VideoTokens, VisualInput, check_int, check_range
 from methods.clustering import assign_to_centres, cluster_mean, density_peaks, top_scores
 from methods.decoder import Keep, PrefillView
@@ -220,8 +220,8 @@ def question_scores(layer, hidden: torch.Tensor, queries: torch.Tensor, keys: to
         return torch.zeros(len(keys), device=hidden.device)
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    q = _project(attn, x[:, queries], "q").float()[0]  # (H, q, hd), no rotary embedding
-    k = _project(attn, x, "k").float()[0]  # (KV, n, hd)
+    q = project(attn, x[:, queries], "q").float()[0]  # (H, q, hd), no rotary embedding
+    k = project(attn, x, "k").float()[0]  # (KV, n, hd)
     kv_heads = k.shape[0]
     q = q.view(kv_heads, q.shape[0] // kv_heads, *q.shape[1:])  # query head h reads key head h // groups
     weights = (q @ k[:, None].transpose(-1, -2) * attn.scaling).softmax(-1)  # (KV, groups, q, n)
