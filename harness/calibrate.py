@@ -132,6 +132,25 @@ def bisect_knob(measure, low: float, high: float, target: float, increasing: boo
     return best[0], best[1], trace
 
 
+def search(compressor: Compressor, target: float, data: CalibrationSet, shape: LLMShape) -> dict:
+    """The declared knob's value whose mean measure on `data` is `target` (no cache, no printing)."""
+    spec = compressor.retention_knob
+
+    def measure(value):
+        try:
+            return mean_measure(compressor.with_knob(spec.knob, value), spec.measure, data, shape)
+        except ValueError as err:  # a knob value the method rejects (e.g. its range)
+            raise ConfigError(str(err)) from err
+
+    # analytic FLOPs are cheap to evaluate: match them much more closely than the window asks
+    precision = 1e-5 if spec.measure == "rho_flops" else TOLERANCE / 4
+    value, achieved, trace = bisect_knob(measure, spec.low, spec.high, target, spec.increasing,
+                                         what=f"{compressor.title} ({spec.measure} over {spec.knob})",
+                                         precision=precision)
+    return {"knobs": {spec.knob: value}, "achieved_on_calibration": achieved, "measure": spec.measure,
+            "samples": len(data.text_tokens), "trace": trace}
+
+
 def calibrate(compressor: Compressor, target: float, adapter, tasks: dict, *, frames: int, size: int,
               identity: dict, cache_dir: Path | None = None, feature_cache=None) -> dict:
     """The knob value for `target` retention: {"knobs": {knob: value}, ...} (cached on disk).
@@ -153,26 +172,14 @@ def calibrate(compressor: Compressor, target: float, adapter, tasks: dict, *, fr
         cached = json.loads(path.read_text())
         log.info("calibration cache hit %s: %s", path, cached["knobs"])
         return cached
-    need_visual = compressor.has("visual")
-    data = calibration_set(adapter, tasks, size, frames, need_visual, compressor.needs,
+    data = calibration_set(adapter, tasks, size, frames, compressor.has("visual"), compressor.needs,
                            feature_cache)
-
-    def measure(value):
-        try:
-            return mean_measure(compressor.with_knob(spec.knob, value), spec.measure, data, shape)
-        except ValueError as err:  # a knob value the method rejects (e.g. its range)
-            raise ConfigError(str(err)) from err
-
-    # analytic FLOPs are cheap to evaluate: match them much more closely than the window asks
-    precision = 1e-5 if spec.measure == "rho_flops" else TOLERANCE / 4
-    value, achieved, trace = bisect_knob(measure, spec.low, spec.high, target, spec.increasing,
-                                         what=f"{compressor.title} ({spec.measure} over {spec.knob})",
-                                         precision=precision)
-    result = {"knobs": {spec.knob: value}, "achieved_on_calibration": achieved,
-              "measure": spec.measure, "key": key, "samples": len(data.text_tokens), "trace": trace}
+    result = search(compressor, target, data, shape)
+    result["key"] = key
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, result)
+    value, achieved = result["knobs"][spec.knob], result["achieved_on_calibration"]
     print(f"calibrated {compressor.title} {spec.knob}={value:.6f} for retention {target:g} "
           f"({spec.measure} {100 * achieved:.2f}% on {len(data.text_tokens)} calibration documents"
           + (f"; cached in {path})" if path else ")"))

@@ -174,6 +174,15 @@ def check_task_requirements(cfg: DictConfig) -> None:
                           "(its scorer cannot run without them); nothing was run")
 
 
+def prepare_model(cfg: DictConfig) -> str:
+    """The directory of the model the config names, built first when it is an embedded model."""
+    from harness.tiny_model import build_tiny_model
+
+    if cfg.model.build_tiny:
+        build_tiny_model(cfg.model.path, seed=cfg.seed)
+    return cfg.model.path
+
+
 def prepare_task_data(cfg: DictConfig) -> None:
     if cfg.task.generator:
         module, _, function = cfg.task.generator.partition(":")
@@ -247,8 +256,6 @@ def run(cfg: DictConfig) -> Path:
     from harness.llava import LlavaOneVision
     from harness.lmms_model import VTCModel
     from harness.loggers import make_logger
-    from harness.tiny_model import build_tiny_model
-
     check_config(cfg)
     choice = choose_method(cfg)
     check_task_requirements(cfg)
@@ -273,7 +280,7 @@ def run(cfg: DictConfig) -> Path:
                 prepare_task_data(cfg)
         if cfg.model.build_tiny:
             with step(f"building model {cfg.model.name}"):
-                build_tiny_model(cfg.model.path, seed=cfg.seed)
+                prepare_model(cfg)
     check_method_fits(choice.build(), read_model_config(cfg.model.path))
     with step(f"loading lmms_eval task {cfg.task.lmms_task}"):
         tasks = load_tasks(cfg)

@@ -137,6 +137,11 @@ class Compressor:
         new.seed = self.seed
         return new
 
+    def flops(self, frames: int, tokens: int, dim: int) -> float | None:
+        """Analytic FLOPs of the method's own work on F x N x D features, where it is not negligible
+        next to the LLM (dense similarity products); None where it is not modelled."""
+        return None
+
     def has(self, stage: str) -> bool:
         return stage in self.stages
 

@@ -67,3 +67,14 @@ def tokens_within(budget: float, layers: int, text: float, shape: LLMShape) -> f
     per_layer = budget / layers
     n = (-a + math.sqrt(a * a + 4 * b * per_layer)) / (2 * b)
     return n - text
+
+
+def encoder_flops(vision_config, frames: int, projector_dim: int | None = None) -> float:
+    """FLOPs of the vision encoder on `frames` frames (same convention): patch embedding, every
+    encoder layer on the P patches of a frame, and (given the LLM width) the 2-layer projector."""
+    side = vision_config.image_size // vision_config.patch_size
+    patches, width = side * side, vision_config.hidden_size
+    embed = 2 * patches * 3 * vision_config.patch_size ** 2 * width
+    layers = vision_config.num_hidden_layers * layer_flops(patches, width, vision_config.intermediate_size)
+    projector = 2 * patches * (width + projector_dim) * projector_dim if projector_dim else 0
+    return frames * (embed + layers + projector)

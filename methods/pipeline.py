@@ -76,6 +76,10 @@ class Pipeline(Compressor):
     def decode_policy(self, llm):
         return self._owner["decode"].decode_policy(llm)
 
+    def flops(self, frames: int, tokens: int, dim: int) -> float | None:
+        parts = [p.flops(frames, tokens, dim) for p in self.parts]
+        return None if all(f is None for f in parts) else sum(f or 0.0 for f in parts)
+
     def with_knob(self, knob: str, value) -> "Pipeline":
         part_name, _, inner = knob.partition(".")
         parts = [p.with_knob(inner, value) if p.name == part_name else p for p in self.parts]

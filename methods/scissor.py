@@ -267,6 +267,13 @@ class Scissor(Compressor):
     def __post_init__(self):
         _check_args(self.tau, self.epsilon)
 
+    def flops(self, frames: int, tokens: int, dim: int) -> float:
+        """An upper bound of the dense products it cannot avoid: each frame's N x N similarities, then
+        the temporal similarities and the assignment, bounded by F*N representatives (the real count,
+        the spatial components, depends on the video)."""
+        n = frames * tokens
+        return 2 * dim * (frames * tokens * tokens + 2 * n * n)
+
     def compress(self, x: VisualInput) -> torch.Tensor:
         # a fresh generator per video: the sampled regime depends on the seed, never on which
         # samples ran before (resume and data-parallel shards give the same tokens)
