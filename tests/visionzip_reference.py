@@ -13,8 +13,9 @@ get_2dPool uses), then per frame:
    key has cosine 0), and a target becomes the mean of itself and its members (the spec's merge);
 5. output the dominant tokens, then the contextual tokens in target order.
 
-It also reports the smallest decision margins (score gap at the dominant cut, gap between the best and
-second-best target cosine) so a test can skip inputs whose decisions float32 round-off could flip.
+It also reports the smallest decision margins (relative score gap at the dominant cut, gap between the
+best and second-best target cosine) so a test can skip inputs whose decisions float32 round-off could
+flip.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class VisionZipResult:
     dominant: list[list[int]]  # per frame, ascending
     targets: list[list[int]]  # per frame, token indices of the targets in target order
     members: list[list[list[int]]]  # per frame and target, the token indices merged into it
-    score_margin: float  # smallest gap between the k_d-th and the next score in a frame
+    score_margin: float  # smallest gap between the k_d-th and the next score of a frame, relative to
+    # the frame's largest score
     cosine_margin: float  # smallest gap between a token's best and second-best target cosine
 
 
@@ -83,7 +85,7 @@ def reference_visionzip_pooled(features: torch.Tensor, scores: torch.Tensor, key
         s = [float(v) for v in scores[f].double()]
         order = sorted(range(n), key=lambda i: (-s[i], i))
         if k_d < n:
-            score_margin = min(score_margin, s[order[k_d - 1]] - s[order[k_d]])
+            score_margin = min(score_margin, (s[order[k_d - 1]] - s[order[k_d]]) / max(abs(v) for v in s))
         dominant = sorted(order[:k_d])
         rest = [i for i in range(n) if i not in dominant]
         targets, members = [], []
