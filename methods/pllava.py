@@ -21,11 +21,12 @@ Deviations and choices, with reasons:
   temporal=2 gives 2); the spec writes F / temporal without saying how to round (lead's decision).
 - Fewer than one token per output frame (r * 196 * temporal < 1) still keeps one (a 1x1 grid):
   only `temporal` pools time, so the achieved retention is then above r.
-- Computation: the 3-D adaptive average is separable, so it is computed as LLaVA's own
-  `adaptive_avg_pool2d` over each frame's grid, then an adaptive average over time on the pooled
-  tokens (`temporal` > 1). Same windows (output i covers input [floor(i*In/Out), ceil((i+1)*In/Out)))
-  and the same value as `adaptive_avg_pool3d` up to float round-off; the channels-last 2-D kernel
-  reads X in its own (F, N, D) layout, the 3-D kernel would need a transposed copy of X.
+- Computation: the 3-D adaptive average is separable, so it is computed as `adaptive_avg_pool2d`
+  over each frame's grid (`temporal` > 1: over the mean of each time window's frames). Same
+  windows (output i covers input [floor(i*In/Out), ceil((i+1)*In/Out))) and the same value as
+  `adaptive_avg_pool3d` up to float round-off; the channels-last 2-D kernel reads X in its own
+  (F, N, D) layout, while the 3-D call needs a transposed copy of X and is tens of times slower
+  on the CPU (benchmarks/bench_pllava.py).
 - Precision: means are computed in float32 (float64 for float64 input; the official code pools in
   the model dtype); the output has the input's dtype. Positions are contiguous, as in the official
   code (`position_ids = attention_mask.cumsum(-1) - 1` over the pooled sequence).
@@ -43,7 +44,7 @@ from methods import register
 from methods.base import Compressor, RetentionKnob, VisualInput, check_int, check_range
 from methods.uniform import target_grid
 
-__all__ = ["pllava_pool", "pooling_shape"]
+__all__ = ["pllava_pool", "pooling_shape", "windows"]
 
 
 def pooling_shape(frames: int, grid: tuple[int, int], retention: float, temporal: int) -> tuple[int, int, int]:
@@ -65,15 +66,33 @@ def pllava_pool(features: torch.Tensor, grid: tuple[int, int], retention: float,
     if (out_frames, rows, cols) == (frames, height, width):
         return features.flatten(0, 1)  # every window is one token
     compute = torch.float64 if features.dtype == torch.float64 else torch.float32
-    # (F, h, w, D) seen as (F, D, h, w) in channels-last layout: no copy for float32 input
-    maps = features.to(compute).reshape(frames, height, width, dim).permute(0, 3, 1, 2)
+    x = features.to(compute)
+    if out_frames == frames:
+        return _pool_space(x, grid, rows, cols).flatten(0, 1).to(features.dtype)
+    # time: output frame t pools the mean of its window of frames. One window at a time keeps the
+    # intermediate at one frame; a whole (F, h', w', D) or (T', 14, 14, D) intermediate costs more
+    # than the pooling itself on the CPU (a fresh allocation of that size page-faults).
+    out = torch.empty(out_frames, rows * cols, dim, dtype=compute, device=x.device)
+    for t, (start, end) in enumerate(windows(frames, out_frames)):
+        out[t] = _pool_space(x[start:end].mean(dim=0, keepdim=True), grid, rows, cols)[0]
+    return out.flatten(0, 1).to(features.dtype)
+
+
+def _pool_space(x: torch.Tensor, grid: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
+    """(F, h*w, D) -> (F, rows*cols, D): adaptive average pooling of each frame's grid."""
+    frames, _, dim = x.shape
+    if (rows, cols) == tuple(grid):
+        return x
+    # (F, h, w, D) seen as (F, D, h, w) in channels-last layout: no copy of X
+    maps = x.view(frames, *grid, dim).permute(0, 3, 1, 2)
     pooled = nnf.adaptive_avg_pool2d(maps, (rows, cols))  # (F, D, rows, cols)
-    pooled = pooled.permute(0, 2, 3, 1).reshape(frames, rows * cols * dim)
-    if out_frames != frames:
-        # time: (1, C, F, 1) channels-last view of (F, C), pooled to (1, C, T', 1)
-        over_time = pooled.T.view(1, -1, frames, 1)
-        pooled = nnf.adaptive_avg_pool2d(over_time, (out_frames, 1)).view(-1, out_frames).T
-    return pooled.reshape(out_frames * rows * cols, dim).to(features.dtype)
+    return pooled.permute(0, 2, 3, 1).reshape(frames, rows * cols, dim)
+
+
+def windows(size_in: int, size_out: int) -> list[tuple[int, int]]:
+    """[start, end) of each adaptive-pooling window, as `adaptive_avg_pool*d` cuts them:
+    output i covers [floor(i*In/Out), ceil((i+1)*In/Out))."""
+    return [((i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)) for i in range(size_out)]
 
 
 def _check_args(retention: float, temporal: int) -> None:

@@ -52,7 +52,7 @@ def reference_shape(frames: int, grid: tuple[int, int], retention: float, tempor
 def reference_pllava(features: torch.Tensor, grid: tuple[int, int], retention: float,
                      temporal: int = 1) -> torch.Tensor:
     """(F, N, D) -> (T'*h'*w', D), float64, frame-major, row-major."""
-    frames, n, dim = features.shape
+    frames, _, dim = features.shape
     h, w = grid
     x = features.double().reshape(frames, h, w, dim)
     out_frames, rows, cols = reference_shape(frames, grid, retention, temporal)

@@ -17,7 +17,12 @@ from harness.llava import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods.base import VisualInput
 from methods.pllava import pllava_pool, pooling_shape
-from tests.pllava_reference import reference_grid, reference_pllava, reference_shape, reference_windows
+from tests.pllava_reference import (
+    reference_grid,
+    reference_pllava,
+    reference_shape,
+    reference_windows,
+)
 
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 
@@ -209,8 +214,8 @@ def test_the_model_sees_the_pooled_tokens_at_consecutive_positions(adapter, pixe
 
 
 def test_runs_in_the_harness(cfg_factory):
-    from harness.rundir import read_samples
     from harness.run import run
+    from harness.rundir import read_samples
 
     run_dir = run(cfg_factory("+method=pllava", "retention=0.25", "task.limit=2"))
     records = read_samples(run_dir / "samples.jsonl")
