@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as nnf
 
 from methods import register
 from methods.base import Compressor, RetentionKnob, VisualInput, check_range
@@ -89,17 +90,20 @@ def visionzip_compress(features: torch.Tensor, scores: torch.Tensor, keys: torch
     assign = torch.bmm(unit, unit[:, targets].mT).argmax(dim=2)  # (F, R): first maximum on ties
     assign[:, targets] = torch.arange(n_ctx, device=device)
 
-    # contextual token j of frame f = mean of the features of its group, one weighted product per frame
-    groups = torch.arange(frames, device=device)[:, None] * n_ctx + assign
-    sizes = torch.bincount(groups.flatten(), minlength=frames * n_ctx).view(frames, n_ctx)
+    # output row of every token: dominant j of frame f -> f*k + j, a token of R -> its target's row;
+    # each row is the mean of its tokens (one for a dominant token), one pass over X
+    k = n_dom + n_ctx
+    base = torch.arange(frames, device=device)[:, None] * k
+    row = torch.empty(frames, n, dtype=torch.long, device=device)
+    row.scatter_(1, dominant, base + torch.arange(n_dom, device=device))
+    row.scatter_(1, rest, base + n_dom + assign)
+    row = row.flatten()
+    tokens = torch.sort(row, stable=True).indices  # grouped by output row
+    sizes = torch.zeros(frames * k, dtype=torch.long, device=device).scatter_add_(0, row, torch.ones_like(row))
     compute = torch.float64 if features.dtype == torch.float64 else torch.float32
-    weights = torch.zeros(frames, n_ctx, n, dtype=compute, device=device)
-    weights.scatter_(2, rest[:, None, :].expand(-1, n_ctx, -1),
-                     (assign[:, None, :] == torch.arange(n_ctx, device=device)[:, None]).to(compute))
-    weights /= sizes[..., None]
-    contextual = torch.bmm(weights, features.to(compute))  # (F, k_c, D)
-    kept = features.gather(1, dominant[..., None].expand(-1, -1, dim))  # (F, k_d, D)
-    return torch.cat([kept, contextual.to(features.dtype)], dim=1).flatten(0, 1)
+    out = nnf.embedding_bag(tokens, features.reshape(frames * n, dim).to(compute), sizes.cumsum(0) - sizes,
+                            mode="mean")
+    return out.to(features.dtype)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def test_matches_literal(frames, retention):
 
 def test_reference_resize_is_the_feature_pooling():
     # the reference's literal bilinear taps equal torch's resize that LLaVA-OneVision pools with
-    _, scores, keys = inputs(2, seed=4)
+    _, _, keys = inputs(2, seed=4)
     maps = keys.double().view(2, 27, 27, 8).permute(0, 3, 1, 2)
     expected = torch.nn.functional.interpolate(maps, size=(14, 14), mode="bilinear", align_corners=False)
     torch.testing.assert_close(reference_bilinear(keys, 14, 14), expected.flatten(2).mT, rtol=1e-12, atol=1e-14)
@@ -231,7 +231,7 @@ def test_bad_retention_is_rejected(retention, message):
 
 
 def test_missing_scores_or_keys_are_an_error():
-    features, scores, keys = inputs(2)
+    features, scores, _ = inputs(2)
     compressor = methods.build("visionzip")
     for visual in (VisualInput(features, (14, 14)), VisualInput(features, (14, 14), scores)):
         with pytest.raises(ValueError, match=r"visionzip needs .*\(patch_scores, patch_keys\)"):
@@ -264,8 +264,8 @@ def test_on_the_encoder_s_own_scores_and_keys(adapter, smoke_questions):
 
 
 def test_runs_in_the_harness(cfg_factory):
-    from harness.rundir import read_samples
     from harness.run import run
+    from harness.rundir import read_samples
 
     run_dir = run(cfg_factory("+method=visionzip", "retention=0.1", "task.limit=2"))
     records = read_samples(run_dir / "samples.jsonl")

@@ -34,7 +34,7 @@ def reference_bilinear(maps: torch.Tensor, out_h: int, out_w: int) -> torch.Tens
 
     def taps(o: int, size_in: int, size_out: int):
         src = max((o + 0.5) * size_in / size_out - 0.5, 0.0)
-        i0 = int(math.floor(src))
+        i0 = math.floor(src)
         i1 = i0 + 1 if i0 < size_in - 1 else i0
         frac = src - i0
         return i0, i1, 1.0 - frac, frac
