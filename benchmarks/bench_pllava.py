@@ -9,6 +9,9 @@ the spec's literal call, `adaptive_avg_pool3d` on X viewed as (D, F, 14, 14) (it
 to that layout), and the literal reference (tests/pllava_reference.py: one Python loop per output
 cell and window element, float64), once. Target: ours <= 2x floor. CPU timings take the minimum over
 interleaved repetitions (other processes on the machine inflate them: the load average is printed).
+On a loaded machine every 2-thread op may also wait for its descheduled sibling thread, which
+penalises many small ops far more than a few large ones; `--cpu-time` (process CPU time on one
+thread) is steadier there and measures the work itself.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ the F*k output tokens to a fresh tensor (its page faults included). The
 literal reference (tests/visionzip_reference.py: Python loops over frames, tokens and targets,
 float64) runs once at the full size (wall time). Target: ours <= 2x floor. CPU timings take the minimum over
 interleaved repetitions (other processes on the machine inflate them: the load average is printed).
+On a loaded machine every 2-thread op may also wait for its descheduled sibling thread, which
+penalises many small ops far more than a few large ones; `--cpu-time` (process CPU time on one
+thread) is steadier there and measures the work itself.
 """
 
 from __future__ import annotations
