@@ -18,13 +18,20 @@ from methods.select import top_k_ascending
 
 
 def pooled_scores(patch_scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(F, P*P) patch scores -> (F, h*w) scores on the pooled feature grid (bilinear)."""
-    frames, patches = patch_scores.shape
+    """(F, P*P) patch scores -> (F, h*w) scores on the pooled feature grid (bilinear), float32.
+
+    (F, P*P, C) per-patch vectors (e.g. `patch_keys`) -> (F, h*w, C): each channel is resized
+    the same way, as LLaVA-OneVision pools its features.
+    """
+    frames, patches = patch_scores.shape[:2]
     side = round(patches ** 0.5)
     if side * side != patches:
         raise ValueError(f"patch scores of {patches} patches are not a square grid")
-    maps = patch_scores.float().view(frames, 1, side, side)
-    return nnf.interpolate(maps, size=grid, mode="bilinear", align_corners=False).flatten(1)
+    channels = patch_scores.shape[2] if patch_scores.dim() == 3 else 1
+    maps = patch_scores.float().reshape(frames, side, side, channels).permute(0, 3, 1, 2)
+    pooled = nnf.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
+    pooled = pooled.permute(0, 2, 3, 1).reshape(frames, grid[0] * grid[1], channels)
+    return pooled if patch_scores.dim() == 3 else pooled.squeeze(-1)
 
 
 @register
