@@ -46,8 +46,15 @@ Deviations:
   seeded generator, one (A, M) draw for the A anchor frames in frame order (official: unseeded,
   for every frame); scores are computed only on anchor frames (official computes all frames
   and uses the anchor frames' scores: same result).
+- zero tokens: cosine 0 to everything (official divides by a zero norm: NaN); a zero member
+  joins the first anchor.
 - the head is loaded from files here (methods are otherwise file-free): only its weights and
   post_layernorm's are read from the checkpoint, once per process and device, float32.
+
+Vectorised: the density-peak scores of all anchor frames are one batch; merge units (segments, or
+single anchor frames) of the same shape are one batch, so the only Python loops are over distinct
+unit shapes and over the T anchor frames of a shape (T = ceil(L/p)), never over tokens. The plan
+(segments, anchor counts) is host-side integers: one device sync per video.
 """
 
 from __future__ import annotations
@@ -139,7 +146,7 @@ def fastvid_compress(features: torch.Tensor, saliency: torch.Tensor, global_feat
     device = features.device
     _, n_c, n_s = budgets(per_frame, retention, context_share)
     rest = per_frame - n_s  # M non-salient tokens per frame
-    x = features.float()
+    flat = features.float().reshape(frames * per_frame, dim)
 
     # DySeg and the anchor distribution (host-side integers: one sync per video)
     bounds = segment_bounds(global_features.float(), segments, seg_tau)
@@ -149,22 +156,20 @@ def fastvid_compress(features: torch.Tensor, saliency: torch.Tensor, global_feat
     order = torch.sort(-saliency.float().to(device), dim=1, stable=True).indices
     salient = order[:, :n_s]
     offsets = torch.arange(frames, device=device)[:, None] * per_frame
-    kept_tokens = [x.gather(1, salient[..., None].expand(-1, -1, dim)).flatten(0, 1)]
     kept_positions = [(salient + offsets).flatten()]
+    kept_tokens = [flat.index_select(0, kept_positions[0])]
 
     if units:
         # the non-salient tokens of every frame, ascending (the salient ones sort last)
         flag = torch.zeros(frames, per_frame, dtype=torch.uint8, device=device)
         flag.scatter_(1, salient, 1)
-        rest_index = torch.sort(flag, dim=1, stable=True).indices[:, :rest]  # (F, M)
-        rest_tokens = x.gather(1, rest_index[..., None].expand(-1, -1, dim))  # (F, M, D)
-        rest_units = normalized(rest_tokens)
+        rest_index = torch.sort(flag, dim=1, stable=True).indices[:, :rest] + offsets  # (F, M) flat
+        rest_tokens = flat.index_select(0, rest_index.flatten()).view(frames, rest, dim)
 
         # density-peak scores of every anchor frame, in one batch
         anchor_frames = sorted({f for u in units for f in u.anchor_frames})
         row = {f: i for i, f in enumerate(anchor_frames)}
-        chosen = torch.tensor(anchor_frames, device=device)
-        peaks = density_peaks(rest_tokens[chosen], KNN, generator)
+        peaks = density_peaks(_frames_of(rest_tokens, anchor_frames), KNN, generator)
         ranked = top_scores(peaks.score, max(u.anchors for u in units))  # (A, K_max) into M
 
         # DTM: units of equal shape (span, anchor frames, anchors) merge in one batch
@@ -172,8 +177,8 @@ def fastvid_compress(features: torch.Tensor, saliency: torch.Tensor, global_feat
         for u in units:
             shapes.setdefault((u.length, len(u.anchor_frames), u.anchors), []).append(u)
         for (length, anchor_count, k), group in shapes.items():
-            tokens, positions = _merge(group, length, anchor_count, k, rest_tokens, rest_units,
-                                       rest_index, ranked, row, merge_floor, per_frame)
+            tokens, positions = _merge(group, length, anchor_count, k, rest_tokens, rest_index,
+                                       ranked, row, merge_floor)
             kept_tokens.append(tokens)
             kept_positions.append(positions)
 
@@ -183,39 +188,44 @@ def fastvid_compress(features: torch.Tensor, saliency: torch.Tensor, global_feat
     return VideoTokens(tokens.to(features.dtype), positions)
 
 
+def _frames_of(x: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    """x[frames] for ascending frame indices: a view when they are consecutive, else a copy."""
+    if frames == list(range(frames[0], frames[0] + len(frames))):
+        return x[frames[0]:frames[0] + len(frames)]
+    return x.index_select(0, torch.tensor(frames, device=x.device))
+
+
 def _merge(group: list[MergeUnit], length: int, anchor_count: int, k: int, rest_tokens: torch.Tensor,
-           rest_units: torch.Tensor, rest_index: torch.Tensor, ranked: torch.Tensor, row: dict,
-           merge_floor: float, per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+           rest_index: torch.Tensor, ranked: torch.Tensor, row: dict,
+           merge_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge S units of the same shape: members = every non-salient token of the unit's frames,
-    each assigned (cosine) to its nearest anchor of every anchor frame of the unit."""
+    each assigned (cosine) to its nearest anchor of every anchor frame of the unit.
+
+    Members are not normalised: a member's cosines to the anchors share its norm as a positive
+    factor, so the argmax is the cosine's."""
     device = rest_tokens.device
     size, members_per_frame, dim = len(group), rest_tokens.shape[1], rest_tokens.shape[2]
-    span = (torch.tensor([u.start for u in group], device=device)[:, None]
-            + torch.arange(length, device=device))  # (S, L)
-    members = rest_tokens[span].view(size, length * members_per_frame, dim)
-    member_units = rest_units[span].view(size, length * members_per_frame, dim)
+    span = [u.start + i for u in group for i in range(length)]  # ascending: units are disjoint
+    members = _frames_of(rest_tokens, span).reshape(size, length * members_per_frame, dim)
 
     anchor_frames = torch.tensor([u.anchor_frames for u in group], device=device)  # (S, T)
     rows = torch.tensor([[row[f] for f in u.anchor_frames] for u in group], device=device)
     picked = ranked[rows][..., :k]  # (S, T, K): indices into each anchor frame's M tokens
     anchors = rest_tokens[anchor_frames[..., None], picked].view(size, anchor_count * k, dim)
-    anchor_units = rest_units[anchor_frames[..., None], picked].view(size, anchor_count * k, dim)
 
-    sims = torch.bmm(member_units, anchor_units.mT).view(size, -1, anchor_count, k)
+    sims = torch.bmm(members, normalized(anchors).mT).view(size, -1, anchor_count, k)
     label = sims.argmax(-1)  # (S, L*M, T): first maximum = first anchor in score order
-    label = label + torch.arange(anchor_count, device=device) * k
-    label = label + torch.arange(size, device=device)[:, None, None] * (anchor_count * k)
+    label += torch.arange(size, device=device)[:, None, None] * (anchor_count * k)
     clusters = size * anchor_count * k
-    flat = label.flatten()
-    sources = members[:, :, None, :].expand(-1, -1, anchor_count, -1).reshape(-1, dim)
-    sums = torch.zeros(clusters, dim, device=device).index_add_(0, flat, sources)
-    counts = torch.bincount(flat, minlength=clusters).float()[:, None]
+    sources = members.reshape(-1, dim)
+    sums = torch.zeros(clusters, dim, device=device)
+    for t in range(anchor_count):  # every member once into each anchor frame's anchors
+        sums.index_add_(0, label[..., t].flatten() + t * k, sources)
+    counts = torch.bincount((label + torch.arange(anchor_count, device=device) * k).flatten(),
+                            minlength=clusters).float()[:, None]
     weight = (1.0 / (counts + 1)).clamp(min=merge_floor)
     merged = weight * anchors.reshape(clusters, dim) + (1 - weight) * sums / counts.clamp(min=1)
-
-    positions = (anchor_frames[..., None] * per_frame
-                 + rest_index[anchor_frames[..., None], picked]).flatten()
-    return merged, positions
+    return merged, rest_index[anchor_frames[..., None], picked].flatten()
 
 
 # ----------------------------------------------------------------------------------------------
