@@ -247,6 +247,21 @@ def test_input_is_not_modified():
     assert all(torch.equal(a, b) for a, b in zip((x, sal, glob), before))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_the_reference():
+    settings = knobs(0.25, segments=2, seg_tau=0.5)
+    for seed in range(6):
+        x, sal, glob = video(10, 196, 64, seed=seed, scenes=[0] * 5 + [1] * 5)
+        ref = reference_fastvid(x, sal, glob, **settings, noise_seed=1)
+        if ref.margin > SAFE:
+            out = fastvid_compress(x.cuda(), sal.cuda(), glob.cuda(), **settings,
+                                   generator=torch.Generator().manual_seed(1))
+            assert out.tokens.is_cuda and out.positions.is_cuda
+            assert_matches(VideoTokens(out.tokens.cpu(), out.positions.cpu()), ref)
+            return
+    pytest.fail("no input with safe margins")
+
+
 # ----------------------------------------------------------------------------------------------
 # Knobs
 
