@@ -2,6 +2,7 @@
 
     python benchmarks/bench_fastvid.py            # 32x196x3584, r = 0.10 and 0.25, two inputs
     python benchmarks/bench_fastvid.py --quick    # 16x196x896 only, fewer repetitions
+    python benchmarks/bench_fastvid.py --threads 1
 
 The floor is the dense work no implementation of the method can skip, sized by the plan the
 input actually gets (same segments, anchor frames and anchor counts): the per-anchor-frame
@@ -125,8 +126,9 @@ def cuda_times(fns: dict, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16x196x896 only, fewer repetitions")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     shape = (16, 196, 896) if args.quick else (32, 196, 3584)
     repeats = 3 if args.quick else 7
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, defaults c=8 tau=0.9 "
