@@ -319,7 +319,8 @@ def run(cfg: DictConfig) -> Path:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run_dir.write("config.json", {"config": resolved, "world_size": world_size, "method": {
             "name": choice.name, "knobs": knobs, "label": choice.label,
-            "target_retention": choice.target_retention, "calibration": calibration},
+            "target_retention": choice.target_retention, "calibration": calibration,
+            "notes": compressor.notes()},
             "data_files": data_files})
         (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         run_dir.write("versions.json", versions())
@@ -337,7 +338,7 @@ def run(cfg: DictConfig) -> Path:
     if results is None:  # a non-zero rank in a distributed run: rank 0 writes the results
         return run_dir.path
     run_dir.write("lmms_eval_results.json", {k: v for k, v in results.items() if k != "samples"})
-    summary = summarize(cfg, choice, knobs, run_dir, results, tasks)
+    summary = summarize(cfg, choice, knobs, run_dir, results, tasks, compressor.notes())
     run_dir.write("summary.json", summary)
     make_logger(cfg).log_run(cfg, summary, run_dir)
     print(summary_line(summary), flush=True)

@@ -120,7 +120,8 @@ def find_reference_run(cfg, results_dir: Path, this: Path) -> Path | None:
     return None
 
 
-def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: dict) -> dict:
+def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: dict,
+              notes: dict | None = None) -> dict:
     task = cfg.task.lmms_task
     records = [r for r in run_dir.samples() if r["task"] == task]
     ok = [r for r in records if r.get("status") == "ok"]
@@ -143,6 +144,7 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: d
         "lmms_task": task, "model": cfg.model.name, "model_path": cfg.model.path,
         "smoke": bool(cfg.model.smoke or cfg.task.smoke), "frames": cfg.model.frames,
         "limit": cfg.task.limit, "method": choice.title, "knobs": knobs, "label": choice.label,
+        "method_notes": notes or {},
         "target_retention": choice.target_retention,
         "metric": key, "metric_native": native, "scale": cfg.task.scale, "judge": cfg.task.judge,
         "score": to_100(native, cfg.task.scale, f"{task}.{key}"), "score_ci95": ci,

@@ -142,6 +142,11 @@ class Compressor:
         next to the LLM (dense similarity products); None where it is not modelled."""
         return None
 
+    def notes(self) -> dict:
+        """How this instance runs, beyond its knobs, for the run's config and summary (e.g. which
+        fallback it took)."""
+        return {}
+
     def has(self, stage: str) -> bool:
         return stage in self.stages
 

@@ -360,6 +360,9 @@ class FastVID(Compressor):
         """Which head gave the global features and saliency: "fallback" or the checkpoint path."""
         return "fallback" if self.siglip_path is None else self.siglip_path
 
+    def notes(self) -> dict:
+        return {"fastvid_head": self.head}
+
     def compress(self, x: VisualInput) -> VideoTokens:
         if self.siglip_path is None:
             if x.patch_scores is None:

@@ -80,6 +80,9 @@ class Pipeline(Compressor):
         parts = [p.flops(frames, tokens, dim) for p in self.parts]
         return None if all(f is None for f in parts) else sum(f or 0.0 for f in parts)
 
+    def notes(self) -> dict:
+        return {k: v for p in self.parts for k, v in p.notes().items()}
+
     def with_knob(self, knob: str, value) -> "Pipeline":
         part_name, _, inner = knob.partition(".")
         parts = [p.with_knob(inner, value) if p.name == part_name else p for p in self.parts]

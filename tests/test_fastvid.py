@@ -488,6 +488,7 @@ def test_head_path_on_the_tiny_model(tmp_path, cfg_factory):
     assert config["method"]["knobs"]["siglip_path"] == str(path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["knobs"]["siglip_path"] == str(path)
+    assert summary["method_notes"] == {"fastvid_head": str(path)} == config["method"]["notes"]
     # 8 frames at r = 0.25: 30 salient + at most 19 context tokens per frame
     assert 30 / 196 <= summary["retention"]["rho_tok"]["mean"] <= 49 / 196
 
@@ -501,5 +502,6 @@ def test_harness_run_records_the_fallback_head(cfg_factory):
     assert config["config"]["method"]["siglip_path"] is None
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "fastvid" and summary["knobs"]["siglip_path"] is None
+    assert summary["method_notes"] == {"fastvid_head": "fallback"} == config["method"]["notes"]
     # 8 frames at r = 0.25: 30 salient + at most 19 context tokens per frame
     assert 30 / 196 <= summary["retention"]["rho_tok"]["mean"] <= 49 / 196
