@@ -173,7 +173,8 @@ def summary_line(s: dict) -> str:
     parts = [
         ("[SMOKE: random model] " if s["smoke"] else "") + f"{s['task']}",
         f"{s['model']}",
-        f"{s['method']}" + (f" {s['label']}" if s["label"] else ""),
+        f"{s['method']}" + (f" {s['label']}" if s["label"] else "")
+        + "".join(f" [{k}: {v}]" for k, v in (s.get("method_notes") or {}).items()),
         f"retention {100 * ret['mean']:.1f}% (rho_tok, {100 * ret['min']:.1f}-{100 * ret['max']:.1f}; "
         f"rho_avg {100 * s['retention']['rho_avg']['mean']:.1f}%, "
         f"FLOPs {100 * s['retention']['rho_flops']['mean']:.1f}%"
