@@ -266,11 +266,13 @@ def inner_merge(hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     is_kept = torch.zeros(video, dtype=torch.bool, device=h.device)
     is_kept[kept] = True
     dropped = _first_true(~is_kept, video - k)
-    target = (normalized(h[dropped]) @ normalized(h[kept]).T).argmax(-1)  # first max: lower position
+    units = normalized(h)
+    target = (units[dropped] @ units[kept].T).argmax(-1)  # first max: the lower position
     # member t (1-based, position order) of a kept token with m members weighs 2^-(m - t + 1)
     order = torch.sort(target, stable=True).indices
     group = target[order]
-    members = torch.bincount(target, minlength=k)
+    members = torch.zeros(k, dtype=torch.long, device=h.device)
+    members.scatter_add_(0, target, torch.ones_like(target))  # (bincount would sync on a GPU)
     rank = torch.arange(video - k, device=h.device) - (members.cumsum(0) - members)[group] + 1
     weight = torch.exp2((rank - members[group] - 1).float())
     merged = torch.exp2(-members.float())[:, None] * h[kept]
