@@ -38,7 +38,10 @@ sequential halving has the closed form 2^-m·h_kept + sum_t 2^-(m-t+1)·h_t over
 members in position order, computed in one scatter. Kept tokens keep their positions (the driver).
 
 `retention` is the official RETAIN_RATIO: the visual stage's budget. The visual stage keeps
-sum_w [round(S_w·r') + L_w·ceil((N - S_w)·r')] tokens, a little above r·F·N (ceil). The harness's
+sum_w [round(S_w·r') + L_w·ceil((N - S_w)·r')] tokens, a little above r·F·N (ceil), except when
+the temporal averaging alone already leaves fewer than r·F·N tokens: then r' = 1 and it keeps all
+F·N - reduced of them, fewer than r·F·N (official; a mostly still video, such as the smoke clips'
+fixed background, lands there). The harness's
 rho_tok counts the video tokens at the first LLM layer that prunes, i.e. *after* the inner merge:
 with the inner merge on (default) the reported rho_tok is about retention·llm_keep (~12.5 % at
 retention=0.25), not retention; rho_avg and rho_flops show the layers before llm_layer at the

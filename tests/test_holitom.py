@@ -172,10 +172,21 @@ def test_exact_token_counts(frames, n, dim, retention, tau):
     for seed in range(2):
         x, scores = video(frames, n, dim, seed, still=0.7)
         got = holitom_visual(x, scores, retention, tau, generator=seeded(seed))
+        assert got.retain < 1
         assert got.tokens.shape[0] == expected_count(x, got.windows, got.retain, tau)
         # sum_w [S r' + L (N - S) r'] = r·F·N exactly; ceil adds, round loses < 1/2 per window
         assert got.tokens.shape[0] >= retention * frames * n - len(got.windows) / 2
         assert torch.equal(got.slots, got.slots.sort().values)  # frame-major, position order
+
+
+def test_a_mostly_still_video_keeps_fewer_than_the_budget():
+    # 8 frames, 45 of 49 positions still throughout: averaging alone leaves 45 + 8·4 = 77 tokens,
+    # fewer than 0.25·392 = 98, so r' = min(98 / 77, 1) = 1 and all 77 are kept (official)
+    x, scores = video(8, 49, 16, 5, still=1.0)
+    x[:, 45:] = torch.randn(8, 4, 16, generator=seeded(1))
+    got = holitom_visual(x, scores, 0.25, generator=seeded(0))
+    assert got.windows == [(0, 7)] and got.retain == 1
+    assert got.tokens.shape[0] == 77 == expected_count(x, got.windows, 1, 0.8)
 
 
 def test_single_frame_keeps_the_top_scored_tokens_in_order():
