@@ -110,17 +110,21 @@ def merge_into_centres(x: torch.Tensor, label: torch.Tensor, centres: torch.Tens
     stays as it is (w = 1). `centre_weight` is a number (HoliTom: beta) or a function of the (B, k)
     counts of other members giving w (FastVID: max(alpha, 1 / (count + 1))).
     """
-    batch, _, channels = x.shape
+    batch, n, channels = x.shape
     clusters = centres.shape[1]
-    x = x.float()
+    flat = x.reshape(batch * n, channels).float()
     is_centre = torch.zeros(label.shape, dtype=torch.bool, device=x.device).scatter_(1, centres, True)
     slot = torch.where(is_centre, clusters, label)  # centres go to a spare slot, dropped below
-    sums = torch.zeros(batch, clusters + 1, channels, device=x.device, dtype=torch.float32)
-    sums.scatter_add_(1, slot[:, :, None].expand(-1, -1, channels), x)
-    counts = torch.zeros(batch, clusters + 1, device=x.device, dtype=torch.float32)
-    counts.scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.float32))
-    sums, counts = sums[:, :clusters], counts[:, :clusters]
+    slot = (slot + torch.arange(batch, device=x.device)[:, None] * (clusters + 1)).flatten()
+    # index_add_ over rows (not scatter_add_ over an expanded index: several times faster on CPU)
+    sums = torch.zeros(batch * (clusters + 1), channels, device=x.device, dtype=torch.float32)
+    sums.index_add_(0, slot, flat)
+    counts = torch.zeros(batch * (clusters + 1), device=x.device, dtype=torch.float32)
+    counts.index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32))
+    sums = sums.view(batch, clusters + 1, channels)[:, :clusters]
+    counts = counts.view(batch, clusters + 1)[:, :clusters]
     weight = centre_weight(counts) if callable(centre_weight) else torch.full_like(counts, centre_weight)
     weight = torch.where(counts > 0, weight, 1.0)[:, :, None]
-    centre = x.gather(1, centres[:, :, None].expand(-1, -1, channels))
+    rows = (centres + torch.arange(batch, device=x.device)[:, None] * n).flatten()
+    centre = flat.index_select(0, rows).view(batch, clusters, channels)
     return weight * centre + (1 - weight) * (sums / counts.clamp(min=1)[:, :, None])

@@ -225,7 +225,8 @@ def holitom_visual(features: torch.Tensor, scores: torch.Tensor, retention: floa
         if c > 0:
             rest = ~(static_f[s:e + 1] | dominant[s:e + 1])
             pos = _first_true(rest, n - static - d)  # (L, n - S - d) ascending
-            tokens = x[s:e + 1].gather(1, pos[:, :, None].expand(-1, -1, dim))
+            tokens = x.flatten(0, 1).index_select(0, (frame_index[:, None] * n + pos).flatten())
+            tokens = tokens.view(length, n - static - d, dim)
             centres, merged = _cluster_merge(tokens, c, knn, beta, generator)
             slots.append((frame_index[:, None] * n + pos.gather(1, centres)).flatten())
             values.append(merged.flatten(0, 1))
