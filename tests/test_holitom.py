@@ -463,5 +463,5 @@ def test_visual_stage_on_real_features_and_generation(adapter, pixels):
     text, run = adapter.generate(pixels, QUESTION, method, max_new_tokens=4)
     K = default_llm_layer(LAYERS)
     assert run.layer_video_tokens == [tokens.shape[0]] * K + [round(tokens.shape[0] / 2)] * (LAYERS - K)
-    assert set(run.timings) == {"vision", "compressor", "prefill", "decode"}
+    assert {"vision", "compressor", "prefill", "decode"} <= set(run.timings)
     assert run.timings["compressor"] > 0
