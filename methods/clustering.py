@@ -13,8 +13,10 @@ Centres are the highest scores; methods differ only in how they assign and merge
 Deviations from the official code, the same for every method: the 1e-6 tie-break noise u is drawn
 from a generator seeded by the run (official: the global RNG, so official results vary run to run),
 on the CPU in float32 and then moved, so CPU and GPU draw the same; distances use the matmul form
-|a|^2 + |b|^2 - 2ab (clamped at 0, exact zero diagonal), which differs from torch.cdist's direct
-form by float rounding only; ties in the top-k of scores go to the lower index.
+|a|^2 + |b|^2 - 2ab (clamped at 0, exact zero diagonal, made exactly symmetric so that mutual
+nearest neighbours get equal densities and the noise, not round-off, orders them, as with
+torch.cdist's direct form), which differs from the direct form by float rounding only; ties in
+the top-k of scores go to the lower index.
 Every function is batched over a leading group dimension (frames, windows): no Python loop over
 tokens or groups.
 """
@@ -35,6 +37,7 @@ def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     sq = (x * x).sum(-1)
     d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (x @ x.transpose(1, 2))).clamp_(min=0)
+    d2 = torch.minimum(d2, d2.transpose(1, 2))  # exactly symmetric (x_i.x_j, x_j.x_i may round apart)
     d2.diagonal(dim1=1, dim2=2).zero_()
     return d2.sqrt_().div_(x.shape[-1] ** 0.5)
 
@@ -96,3 +99,32 @@ def cluster_mean(x: torch.Tensor, label: torch.Tensor, clusters: int) -> torch.T
     counts = torch.zeros(batch, clusters, device=x.device, dtype=torch.float32)
     counts.scatter_add_(1, label, torch.ones_like(label, dtype=torch.float32))
     return sums / counts.clamp(min=1)[:, :, None]
+
+
+def merge_into_centres(x: torch.Tensor, label: torch.Tensor, centres: torch.Tensor,
+                       centre_weight) -> torch.Tensor:
+    """(B, n, C) tokens, (B, n) labels (an index into `centres`, as `assign_to_centres` gives),
+    (B, k) centre indices -> (B, k, C) float32 `w * centre + (1 - w) * mean(other members)`.
+
+    The mean is over the cluster's members other than its centre; a centre with no other member
+    stays as it is (w = 1). `centre_weight` is a number (HoliTom: beta) or a function of the (B, k)
+    counts of other members giving w (FastVID: max(alpha, 1 / (count + 1))).
+    """
+    batch, n, channels = x.shape
+    clusters = centres.shape[1]
+    flat = x.reshape(batch * n, channels).float()
+    is_centre = torch.zeros(label.shape, dtype=torch.bool, device=x.device).scatter_(1, centres, True)
+    slot = torch.where(is_centre, clusters, label)  # centres go to a spare slot, dropped below
+    slot = (slot + torch.arange(batch, device=x.device)[:, None] * (clusters + 1)).flatten()
+    # index_add_ over rows (not scatter_add_ over an expanded index: several times faster on CPU)
+    sums = torch.zeros(batch * (clusters + 1), channels, device=x.device, dtype=torch.float32)
+    sums.index_add_(0, slot, flat)
+    counts = torch.zeros(batch * (clusters + 1), device=x.device, dtype=torch.float32)
+    counts.index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32))
+    sums = sums.view(batch, clusters + 1, channels)[:, :clusters]
+    counts = counts.view(batch, clusters + 1)[:, :clusters]
+    weight = centre_weight(counts) if callable(centre_weight) else torch.full_like(counts, centre_weight)
+    weight = torch.where(counts > 0, weight, 1.0)[:, :, None]
+    rows = (centres + torch.arange(batch, device=x.device)[:, None] * n).flatten()
+    centre = flat.index_select(0, rows).view(batch, clusters, channels)
+    return weight * centre + (1 - weight) * (sums / counts.clamp(min=1)[:, :, None])
