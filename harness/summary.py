@@ -152,7 +152,7 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: d
         "failed": [{"key": r["key"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
         "live_score_mismatches": mismatched,
         "retention": {name: _stats([r["retention"].get(name) for r in ok])
-                      for name in ("rho_tok", "rho_avg", "rho_flops", "rho_decode_kv")},
+                      for name in ("rho_tok", "rho_avg", "rho_flops", "rho_visual", "rho_decode_kv")},
         "timings": timings,
         # wall time: to the first token (vision, compressor and prefill inside it), then decoding
         "seconds_per_sample": _stats([r["timings"].get("ttft", 0.0) + r["timings"].get("decode", 0.0)

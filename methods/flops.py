@@ -51,6 +51,8 @@ def retention_numbers(full_video: int, text: int, layer_video: list[int], shape:
     pruned = prefill_flops(text, layer_video, shape)
     return {
         "rho_tok": first_pruned(layer_video) / full_video,
+        # what enters the LLM (the visual stage's output): differs from rho_tok when the LLM prunes
+        "rho_visual": layer_video[0] / full_video,
         "rho_avg": sum(layer_video) / (shape.layers * full_video),
         "rho_flops": pruned / prefill_flops(text, [full_video] * shape.layers, shape),
         "prefill_tflops": pruned / 1e12,
