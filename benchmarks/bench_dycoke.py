@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods.dycoke import dycoke_merge, merged_count, select_video_entries  # noqa: E402
-from tests.dycoke_reference import ReferenceSelection, reference_ttm  # noqa: E402
+from methods.dycoke import dycoke_merge, merged_count, select_video_entries
+from tests.dycoke_reference import ReferenceSelection, reference_ttm
 
 MERGE, PRUNE, THRESHOLD = 0.7, 0.7, 0.9
 
@@ -41,7 +41,8 @@ def make_input(frames: int, per_frame: int, dim: int, seed: int = 0) -> torch.Te
     """Frames drifting from a shared base: same-position similarities spread over (0, 1)."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(per_frame, dim, generator=g)
-    return base + torch.rand(frames, per_frame, 1, generator=g) * torch.randn(frames, per_frame, dim, generator=g)
+    drift = torch.rand(frames, per_frame, 1, generator=g)
+    return base + drift * torch.randn(frames, per_frame, dim, generator=g)
 
 
 def floor_fn(x: torch.Tensor):

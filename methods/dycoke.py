@@ -69,8 +69,8 @@ from methods.flops import LLMShape
 from methods.frames import cosine
 from methods.select import top_k_ascending
 
-__all__ = ["dycoke_merge", "merged_count", "kept_per_frame", "select_video_entries", "decode_layer",
-           "DynamicKVSelection", "DyCoke"]
+__all__ = ["DyCoke", "DynamicKVSelection", "decode_layer", "dycoke_merge", "kept_per_frame",
+           "merged_count", "select_video_entries"]
 
 OFFICIAL_LAYER, OFFICIAL_DEPTH = 3, 28  # dycoke_l=3 on the 28-layer LLaVA-OV-7B
 
@@ -102,9 +102,11 @@ def dycoke_merge(features: torch.Tensor, merge_ratio: float) -> torch.Tensor:
     odd, two = frames // 2, (frames + 1) // 4
     sims = torch.cat([cosine(features[1::2], features[0::2][:odd]),
                       cosine(features[2::4], features[0::4][:two])])  # (R, N)
-    reduced = torch.cat([torch.arange(1, frames, 2), torch.arange(2, frames, 4)]).to(features.device)
+    device = features.device
+    reduced = torch.cat([torch.arange(1, frames, 2, device=device),
+                         torch.arange(2, frames, 4, device=device)])  # the rows of `sims`
     kept = top_k_ascending(-sims, keep)  # the least similar, ties to the lower index
-    mask = torch.ones(frames, per_frame, dtype=torch.bool, device=features.device)
+    mask = torch.ones(frames, per_frame, dtype=torch.bool, device=device)
     mask[reduced] = torch.zeros_like(sims, dtype=torch.bool).scatter_(1, kept, True)
     # kept flat indices in order: a stable sort puts the True entries first (no size-dependent sync)
     index = torch.sort((~mask).flatten().to(torch.uint8), stable=True).indices

@@ -209,7 +209,9 @@ def test_selection_is_reused_while_similar_to_the_selecting_step_and_recomputed_
     """P = 0.5 over 4 entries: 2 kept. The cosine with the SELECTING step decides (spec), not the
     one with the previous step (official): a2 is close to a1 (0.98) but not to a0 (0.87), the
     step whose selection a1 reused, so a2 re-selects."""
-    cos = lambda a, b: literal_cosine(a.tolist(), b.tolist())  # noqa: E731
+    def cos(a, b):
+        return literal_cosine(a.tolist(), b.tolist())
+
     a0 = unit(4, 3, 1, 1)  # top-2: {0, 1}
     a1 = unit(3.6, 3.2, 3.4, 1)  # cos(a1, a0) = 0.914: reuse {0, 1}, though its own top-2 is {0, 2}
     a2 = unit(3.0, 3.0, 3.5, 2.0)  # cos(a2, a0) = 0.871: re-select {2, and of the tie 0/1: 0}
@@ -248,7 +250,8 @@ def test_threshold_edges():
 def test_selection_equals_the_literal_reference_on_a_random_walk(threshold, prune_ratio):
     g = torch.Generator().manual_seed(int(threshold * 1000) + int(prune_ratio * 100))
     logits = torch.randn(97, generator=g)
-    policy, reference = DynamicKVSelection(5, prune_ratio, threshold), ReferenceSelection(prune_ratio, threshold)
+    policy = DynamicKVSelection(5, prune_ratio, threshold)
+    reference = ReferenceSelection(prune_ratio, threshold)
     for _ in range(40):
         logits = logits + 0.1 * torch.randn(97, generator=g)
         a = logits.softmax(0)
@@ -272,11 +275,33 @@ def test_nothing_hidden_returns_none_and_everything_hidden_keeps_only_text():
 
 
 def test_pure_selection_function():
-    a = unit(1, 5, 2, 4)
+    a, b = unit(1, 5, 2, 4), unit(1, 4, 5, 2)  # cos(a, b) = 0.848
     sel, anchor, again = select_video_entries(a, 2, None, None, 0.9)
     assert sel.tolist() == [False, True, False, True] and again.ndim == 0 and bool(again)
-    sel2, anchor2, again2 = select_video_entries(unit(1, 4, 5, 2), 2, sel, anchor, 0.99)
-    assert bool(again2) and sel2.tolist() == [False, True, True, False] and torch.equal(anchor2, unit(1, 4, 5, 2))
+    kept, same, again = select_video_entries(b, 2, sel, anchor, 0.8)  # 0.848 >= 0.8: reuse
+    assert not bool(again) and torch.equal(kept, sel) and torch.equal(same, a)
+    fresh, new, again = select_video_entries(b, 2, sel, anchor, 0.9)  # 0.848 < 0.9: re-select
+    assert bool(again) and fresh.tolist() == [False, True, True, False] and torch.equal(new, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu_without_host_synchronisation():
+    x = features(8, dim=64, seed=9, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    steps = [torch.randn(300, generator=g).softmax(0) for _ in range(3)]
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        y = dycoke_merge(x.cuda(), 0.7)
+        selected = anchor = None
+        for a in steps:
+            selected, anchor, _ = select_video_entries(a.cuda(), 90, selected, anchor, 0.99)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(y.cpu(), dycoke_merge(x, 0.7))
+    selected_cpu = anchor_cpu = None
+    for a in steps:
+        selected_cpu, anchor_cpu, _ = select_video_entries(a, 90, selected_cpu, anchor_cpu, 0.99)
+    assert torch.equal(selected.cpu(), selected_cpu)
 
 
 # ---- on the tiny model ------------------------------------------------------------------------------
@@ -327,8 +352,10 @@ def reference_decode(adapter, eager, embeds, span, layer, prune_ratio, threshold
         grown[n - 1, [start + i for i in hidden]] = False
         mask = grown
 
-        def hook(module, args, kwargs, full=causal(n), pruned=mask[None, None]):
-            kwargs["attention_mask"] = pruned if module.self_attn.layer_idx >= layer else full[None, None]
+        masks = {True: mask[None, None], False: causal(n)[None, None]}
+
+        def hook(module, args, kwargs, masks=masks):
+            kwargs["attention_mask"] = masks[module.self_attn.layer_idx >= layer]
             return args, kwargs
 
         handles = [l.register_forward_pre_hook(hook, with_kwargs=True) for l in lm.layers]
@@ -456,7 +483,8 @@ def test_run_summary_reports_the_decode_kv_retention(cfg_factory):
     summary = json.loads((run_dir / "summary.json").read_text())
     frames = 8  # conf/model/tiny.yaml
     videos = merged_count(frames, 196, 0.7)
-    assert summary["knobs"] == {"merge_ratio": 0.7, "layer": None, "prune_ratio": 0.7, "reprune_threshold": 0.9}
+    assert summary["knobs"] == {"merge_ratio": 0.7, "layer": None, "prune_ratio": 0.7,
+                                "reprune_threshold": 0.9}
     assert summary["retention"]["rho_tok"]["mean"] == pytest.approx(videos / (frames * 196))
     # the random model writes 8 tokens without a newline: 7 decode steps, each at int(V*0.3)/V
     assert summary["retention"]["rho_decode_kv"]["mean"] == pytest.approx(int(videos * 0.3) / videos)
