@@ -26,7 +26,10 @@ int(V * (1 - P)) entries (ties: lower index) and remembers this step's attention
 reuses the selection. Layers >= L attend to the selected video entries, every text entry and the
 generated tokens; the cache is masked, not truncated. Layers < L see everything. The state lives
 in the policy, fresh per generation. The driver records the share of video entries attended per
-step (int(V(1-P))/V), which the harness reports as `rho_decode_kv`.
+step (int(V(1-P))/V), which the harness reports as `rho_decode_kv`. The selection indexes layer
+L's video entries with layer L-1's attention, so at its first step the policy checks that the two
+layers cache the same entries: in a pipeline whose prefill stage acts exactly at L they do not,
+and that is an error (any other prefill layer is fine).
 
 Deviations from the official code (each named in notes/seed_methods.md, "Spec vs official code"):
 - stage 1 compares frame 2j+1 with frame 2j (spec); the official loop indexes the similarities with
