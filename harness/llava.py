@@ -368,7 +368,7 @@ class LlavaOneVision:
                                         timer=lambda: self.stopwatch("compressor", run.timings))
                 run.decode_steps += 1
                 next_id = logits[0, -1].argmax()
-        run.decode_video_visible = out.state.decode_video_visible
+        run.decode_video_visible = [float(v) for v in out.state.decode_video_visible]
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         for stop in until:
             if stop and stop in text:

@@ -154,7 +154,7 @@ class DecoderState:
     is_video: torch.Tensor  # (T,) bool over prompt indices
     next_position: torch.Tensor  # position ids of the next token, shaped (..., 1)
     generated: int = 0
-    decode_video_visible: list[float] = field(default_factory=list)  # share attended, per step
+    decode_video_visible: list = field(default_factory=list)  # share attended per step (0-d tensors)
 
 
 @dataclass
@@ -326,7 +326,8 @@ def decode(llm: LLM, state: DecoderState, input_ids: torch.Tensor, policy: Decod
             if chosen is not None:
                 hidden_videos = torch.zeros(prompt, dtype=torch.bool, device=hidden.device)
                 hidden_videos[origin[video[~chosen]]] = True
-                state.decode_video_visible.append(float(chosen.float().mean()) if len(chosen) else 1.0)
+                # kept as a tensor: no host synchronisation per generated token
+                state.decode_video_visible.append(chosen.double().mean() if len(chosen) else 1.0)
             else:
                 state.decode_video_visible.append(1.0)
         key = (id(origin), hidden_videos is not None and i >= policy.layer)

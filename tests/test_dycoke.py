@@ -422,7 +422,7 @@ def test_generation_through_the_adapter_decodes_several_tokens(adapter, pixels):
     videos = merged_count(FRAMES, 196, 0.7)
     assert run.video_tokens_out == videos == run.layer_video_tokens[0]
     assert run.decode_video_visible == pytest.approx([int(videos * 0.3) / videos] * 5)
-    assert set(run.timings) == {"vision", "compressor", "prefill", "decode"}
+    assert set(run.timings) == {"vision", "compressor", "prefill", "decode", "ttft"}
     # the same generation step by step through the driver
     prompt = adapter.prepare(pixels, compressor, adapter.prompt_ids(QUESTION)[0])
     out = adapter.prefill(prompt, compressor, use_cache=True)
