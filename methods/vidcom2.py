@@ -1,0 +1,135 @@
+"""VidCom2: keep, per frame, the tokens least like their video and frame centres, with a budget per frame.
+
+Tokens are scored by multi-scale Gaussian similarity to the video's and the frame's mean (on the
+half of the channels with the lowest variance); frames unlike the rest get a larger share of the
+budget; each frame keeps its least typical tokens unchanged, in original order. Attention-free.
+
+Spec: shared/spec/methods-video.md, "VidCom2". Official code followed: xuyang-liu16/VidCom2
+`token_compressor/vidcom2/vidcom2.py` (`vidcom2_compression` with model="llava_ov"), inserted as
+`token_compressor/models/llava.py` does: on the projected, 2x2-pooled (F*196, D) features, before
+the single trailing newline. The spec's formulas are the official ones; where it is silent this
+module does what the official code does:
+- variance over all F*N tokens is the population variance (`unbiased=False`); the kept channels
+  are the `int(D * 0.5)` lowest; rows are L2-normalised after the channel selection with
+  `F.normalize` (divide by max(norm, 1e-12)); the centres are plain means of normalised rows (not
+  re-normalised); v and f sum the five kernels in the order alpha = 1/8, 1/4, 1/2, 1, 2;
+- `k_f = max(1, round(s_f * N))` rounds half to even (`torch.round`, like Python's `round`); the
+  kept total is the sum of the per-frame counts, so rho_tok is close to, not exactly, r;
+- the kept tokens take consecutive positions (a plain (M, D) output): the official code splices
+  them into the sequence and renumbers positions.
+Deviations:
+- decisions (variance, scores, softmax, budgets) are computed in float32 (float64 for float64
+  input); the official code runs in the model dtype (fp16/bf16), where the 0.01-temperature
+  softmax and `s_f * 196` can round differently. The output rows are the input's, unchanged.
+- ties are broken stably, lower index first: among equal-variance channels at the cut and among
+  equal `v + f` scores at a frame's cut (official `torch.topk(..., sorted=False)`: unspecified).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from methods import register
+from methods.base import Compressor, RetentionKnob, VisualInput, check_range
+
+__all__ = ["ALPHAS", "TEMPERATURE", "frame_budgets", "gaussian_scores", "vidcom2_compress",
+           "vidcom2_keep"]
+
+ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)  # 2**k for k in -3..1
+TEMPERATURE = 0.01
+CHANNEL_SHARE = 0.5
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_retention(retention: float) -> None:
+    check_range("vidcom2.retention", retention, 0.0, 1.0, low_open=True)
+    if math.isnan(retention):  # compares false with everything, so check_range lets it through
+        raise ValueError("vidcom2.retention=nan: expected a value in (0.0, 1.0]")
+
+
+def _checked(features, retention: float) -> torch.Tensor:
+    _check_retention(retention)
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features: expected a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 3 or 0 in features.shape:
+        raise ValueError(f"features: expected a non-empty (F, N, D) tensor, got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
+    return features
+
+
+def gaussian_scores(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, N, D) -> (v, f), each (F, N): spec steps 1-3 (similarity to the video / frame centre)."""
+    frames, per_frame, dim = features.shape
+    flat = features.reshape(frames * per_frame, dim).to(_compute_dtype(features.dtype))
+    # 1. the int(D/2) channels of lowest population variance over all tokens (ties: lower index)
+    variance = flat.var(dim=0, unbiased=False)
+    channels = torch.sort(variance, stable=True).indices[: int(dim * CHANNEL_SHARE)]
+    y = flat.index_select(1, channels).view(frames, per_frame, -1)
+    # 2. L2-normalise (as F.normalize), centres = plain means of the normalised rows
+    y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(1e-12)
+    video_centre = y.mean(dim=(0, 1), keepdim=True)
+    frame_centre = y.mean(dim=1, keepdim=True)
+    # 3. multi-scale Gaussian kernels of the squared distances
+    return _multi_scale(y, video_centre), _multi_scale(y, frame_centre)
+
+
+def _multi_scale(y: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    d2 = (y - centre).square_().sum(-1)
+    total = torch.zeros_like(d2)
+    for alpha in ALPHAS:
+        total += torch.exp(-d2 / (2 * alpha))
+    return total
+
+
+def frame_budgets(v: torch.Tensor, retention: float) -> torch.Tensor:
+    """(F, N) video scores -> (F,) long: tokens each frame keeps, spec step 4 and step 5's count."""
+    per_frame = v.shape[1]
+    uniqueness = -v.mean(dim=-1)
+    p = torch.softmax((uniqueness - uniqueness.max()) / TEMPERATURE, dim=0)
+    share = (retention * (1 + p - p.mean())).clamp(max=1.0)
+    return (share * per_frame).round().long().clamp(min=1)
+
+
+@torch.no_grad()
+def vidcom2_keep(features: torch.Tensor, retention: float) -> torch.Tensor:
+    """(F, N, D) -> (F, N) bool: the tokens VidCom2 keeps (frame f keeps its k_f lowest v + f)."""
+    x = _checked(features, retention)
+    v, f = gaussian_scores(x)
+    budget = frame_budgets(v, retention)
+    score = v + f
+    # rank of each token within its frame by ascending score, stable: lower index first on ties
+    order = torch.sort(score, dim=-1, stable=True).indices
+    ranks = torch.arange(x.shape[1], device=x.device).expand_as(order)
+    return torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, ranks < budget[:, None])
+
+
+@torch.no_grad()
+def vidcom2_compress(features: torch.Tensor, retention: float = 0.25) -> torch.Tensor:
+    """(F, N, D) -> (M, D): the kept rows of the features, frame-major, in original order."""
+    keep = vidcom2_keep(features, retention)
+    index = keep.flatten().nonzero().squeeze(1)  # the one host sync: the output's size
+    return features.flatten(0, 1).index_select(0, index)
+
+
+@register
+@dataclass
+class VidCom2(Compressor):
+    """`+method=vidcom2 retention=0.25`: the official base scale, taken directly as the retention."""
+
+    name = "vidcom2"
+    stages = frozenset({"visual"})
+    retention_knob = RetentionKnob("retention", direct=True)
+    retention: float = 0.25
+
+    def __post_init__(self):
+        _check_retention(self.retention)
+
+    def compress(self, x: VisualInput) -> torch.Tensor:
+        return vidcom2_compress(x.features, self.retention)
