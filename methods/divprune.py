@@ -87,13 +87,15 @@ def divprune_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
     # from now on the self-distance is -inf: taking a picked token's row into the running minimum
     # masks that token out of every later pick
     diag.fill_(float("-inf"))
-    rows = torch.arange(batch, device=dist.device)
-    nearest = dist[rows, first]  # (B, n): each token's smallest distance to the selected set
+    rows = dist.view(batch * n, n)  # row b * n + i: batch b's distances from token i
+    offsets = torch.arange(batch, device=dist.device) * n if batch > 1 else None
+    # (B, n): each token's smallest distance to the selected set
+    nearest = rows.index_select(0, first if offsets is None else first + offsets)
     picks = [first]
     for _ in range(k - 1):
         pick = nearest.argmax(dim=-1)  # first maximum on ties, as torch.argmax in the official code
         picks.append(pick)
-        torch.minimum(nearest, dist[rows, pick], out=nearest)
+        torch.minimum(nearest, rows.index_select(0, pick if offsets is None else pick + offsets), out=nearest)
     return torch.stack(picks, dim=1)
 
 

@@ -65,27 +65,68 @@ def _checked(features, retention: float) -> torch.Tensor:
 
 
 def gaussian_scores(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F, N, D) -> (v, f), each (F, N): spec steps 1-3 (similarity to the video / frame centre)."""
+    """(F, N, D) -> (v, f), each (F, N): spec steps 1-3 (similarity to the video / frame centre).
+
+    Memory-bound, so written as a few passes over X without large temporaries: the channel
+    variance and the selected channels' squared norms in row blocks, the centres and the
+    token-centre products as (F, N, D) x (F, D, .) products with centres that are zero outside the
+    selected channels, and ||y - c||^2 = ||y||^2 - 2 y.c + ||c||^2 for the normalised rows y.
+    """
     frames, per_frame, dim = features.shape
-    flat = features.reshape(frames * per_frame, dim).to(_compute_dtype(features.dtype))
+    x = features.to(_compute_dtype(features.dtype))
+    flat = x.reshape(frames * per_frame, dim)
     # 1. the int(D/2) channels of lowest population variance over all tokens (ties: lower index)
-    variance = flat.var(dim=0, unbiased=False)
-    channels = torch.sort(variance, stable=True).indices[: int(dim * CHANNEL_SHARE)]
-    y = flat.index_select(1, channels).view(frames, per_frame, -1)
-    # 2. L2-normalise (as F.normalize), centres = plain means of the normalised rows
-    y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(1e-12)
-    video_centre = y.mean(dim=(0, 1), keepdim=True)
-    frame_centre = y.mean(dim=1, keepdim=True)
-    # 3. multi-scale Gaussian kernels of the squared distances
-    return _multi_scale(y, video_centre), _multi_scale(y, frame_centre)
-
-
-def _multi_scale(y: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    d2 = (y - centre).square_().sum(-1)
+    channels = torch.sort(_channel_variance(flat), stable=True).indices[: int(dim * CHANNEL_SHARE)]
+    mask = torch.zeros(dim, dtype=x.dtype, device=x.device).index_fill_(0, channels, 1.0)
+    # 2. rows normalised on those channels as F.normalize does (divide by max(norm, 1e-12)); the
+    # centres are plain means of the normalised rows
+    norms = _masked_square_norms(flat, mask).sqrt_()
+    inverse = 1 / norms.clamp_min(1e-12)
+    unit_square = (norms * inverse).square_().view(frames, per_frame, 1)  # ||y||^2: 1, or 0 for a zero row
+    frame_centre = torch.bmm(inverse.view(frames, 1, per_frame), x).div_(per_frame).mul_(mask)
+    video_centre = frame_centre.mean(dim=0, keepdim=True)  # frames are equal-sized: the mean of all
+    centres = torch.cat([video_centre.expand(frames, 1, dim), frame_centre], dim=1)  # (F, 2, D)
+    # 3. squared distances to both centres, then the multi-scale Gaussian kernels
+    dots = torch.bmm(x, centres.mT).mul_(inverse.view(frames, per_frame, 1))
+    d2 = (unit_square - 2 * dots + centres.square().sum(-1)[:, None, :]).clamp_min_(0)
     total = torch.zeros_like(d2)
     for alpha in ALPHAS:
         total += torch.exp(-d2 / (2 * alpha))
-    return total
+    return total[..., 0], total[..., 1]
+
+
+def _row_step(rows: int, dim: int, device: torch.device) -> int:
+    """Rows per block for passes over (rows, dim): on CPU ~2**21 entries (temporaries that stay in
+    the last-level cache instead of fresh X-sized ones, whose page faults cost more than the
+    arithmetic), elsewhere one block."""
+    return rows if device.type != "cpu" else max(1, min(rows, 2**21 // max(dim, 1)))
+
+
+def _channel_variance(flat: torch.Tensor) -> torch.Tensor:
+    """(T, D) -> (D,) population variance over the rows (two passes; the second in row blocks)."""
+    rows = flat.shape[0]
+    mean = flat.sum(0) / rows
+    total = torch.zeros_like(mean)
+    step = _row_step(*flat.shape, flat.device)
+    block = torch.empty(min(step, rows), flat.shape[1], dtype=flat.dtype, device=flat.device)
+    for i in range(0, rows, step):
+        part = block[: min(step, rows - i)]
+        torch.sub(flat[i:i + step], mean, out=part)
+        total += part.square_().sum(0)
+    return total / rows
+
+
+def _masked_square_norms(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(T, D), (D,) 0/1 -> (T,) squared norms of each row restricted to the masked channels."""
+    rows = flat.shape[0]
+    out = torch.empty(rows, dtype=flat.dtype, device=flat.device)
+    step = _row_step(*flat.shape, flat.device)
+    block = torch.empty(min(step, rows), flat.shape[1], dtype=flat.dtype, device=flat.device)
+    for i in range(0, rows, step):
+        part = block[: min(step, rows - i)]
+        torch.mul(flat[i:i + step], flat[i:i + step], out=part)
+        torch.mv(part, mask, out=out[i:i + step])
+    return out
 
 
 def frame_budgets(v: torch.Tensor, retention: float) -> torch.Tensor:
