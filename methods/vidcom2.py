@@ -21,6 +21,12 @@ Deviations:
 - decisions (variance, scores, softmax, budgets) are computed in float32 (float64 for float64
   input); the official code runs in the model dtype (fp16/bf16), where the 0.01-temperature
   softmax and `s_f * 196` can round differently. The output rows are the input's, unchanged.
+  Same arithmetic, different evaluation order (VidCom2 is memory-bound; see gaussian_scores): the
+  variance from blocked shifted sums, and ||y - c||^2 = ||y||^2 - 2 y.c + ||c||^2 from products
+  instead of explicit differences; in float32 these differ from the direct forms by ~1e-6
+  relative, which moves only decisions that close to a tie (the fp16/bf16 official: ~1e-3).
+- exact halves of `s_f * 196` are common when the softmax saturates (p one-hot: s_f = r(2 - 1/F)
+  or r(1 - 1/F)), and round-off in the last bit decides them, here as in the official code.
 - ties are broken stably, lower index first: among equal-variance channels at the cut and among
   equal `v + f` scores at a frame's cut (official `torch.topk(..., sorted=False)`: unspecified).
 """
@@ -67,27 +73,28 @@ def _checked(features, retention: float) -> torch.Tensor:
 def gaussian_scores(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(F, N, D) -> (v, f), each (F, N): spec steps 1-3 (similarity to the video / frame centre).
 
-    Memory-bound, so written as a few passes over X without large temporaries: the channel
-    variance and the selected channels' squared norms in row blocks, the centres and the
-    token-centre products as (F, N, D) x (F, D, .) products with centres that are zero outside the
-    selected channels, and ||y - c||^2 = ||y||^2 - 2 y.c + ||c||^2 for the normalised rows y.
+    Memory-bound, so written as three passes over X without X-sized temporaries: the channel
+    variance (one pass in row blocks), the selected channels' norms with each frame's sum of
+    normalised rows (one pass in frame blocks), and the token-centre products as one
+    (F, N, D) x (F, D, 2) product with centres that are zero outside the selected channels;
+    ||y - c||^2 = ||y||^2 - 2 y.c + ||c||^2 for the normalised rows y.
     """
     frames, per_frame, dim = features.shape
     x = features.to(_compute_dtype(features.dtype))
-    flat = x.reshape(frames * per_frame, dim)
     # 1. the int(D/2) channels of lowest population variance over all tokens (ties: lower index)
-    channels = torch.sort(_channel_variance(flat), stable=True).indices[: int(dim * CHANNEL_SHARE)]
+    variance = _channel_variance(x.reshape(frames * per_frame, dim))
+    channels = torch.sort(variance, stable=True).indices[: int(dim * CHANNEL_SHARE)]
     mask = torch.zeros(dim, dtype=x.dtype, device=x.device).index_fill_(0, channels, 1.0)
     # 2. rows normalised on those channels as F.normalize does (divide by max(norm, 1e-12)); the
     # centres are plain means of the normalised rows
-    norms = _masked_square_norms(flat, mask).sqrt_()
+    norms, frame_sums = _norms_and_frame_sums(x, mask)
     inverse = 1 / norms.clamp_min(1e-12)
-    unit_square = (norms * inverse).square_().view(frames, per_frame, 1)  # ||y||^2: 1, or 0 for a zero row
-    frame_centre = torch.bmm(inverse.view(frames, 1, per_frame), x).div_(per_frame).mul_(mask)
+    unit_square = (norms * inverse).square_().unsqueeze(-1)  # ||y||^2: 1, or 0 for a zero row
+    frame_centre = frame_sums.div_(per_frame).mul_(mask)  # (F, 1, D)
     video_centre = frame_centre.mean(dim=0, keepdim=True)  # frames are equal-sized: the mean of all
     centres = torch.cat([video_centre.expand(frames, 1, dim), frame_centre], dim=1)  # (F, 2, D)
     # 3. squared distances to both centres, then the multi-scale Gaussian kernels
-    dots = torch.bmm(x, centres.mT).mul_(inverse.view(frames, per_frame, 1))
+    dots = torch.bmm(x, centres.mT).mul_(inverse.unsqueeze(-1))
     d2 = (unit_square - 2 * dots + centres.square().sum(-1)[:, None, :]).clamp_min_(0)
     total = torch.zeros_like(d2)
     for alpha in ALPHAS:
@@ -95,38 +102,59 @@ def gaussian_scores(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return total[..., 0], total[..., 1]
 
 
-def _row_step(rows: int, dim: int, device: torch.device) -> int:
-    """Rows per block for passes over (rows, dim): on CPU ~2**21 entries (temporaries that stay in
-    the last-level cache instead of fresh X-sized ones, whose page faults cost more than the
-    arithmetic), elsewhere one block."""
-    return rows if device.type != "cpu" else max(1, min(rows, 2**21 // max(dim, 1)))
+BLOCK = 2**20  # entries per block of a pass over X on CPU: temporaries stay in the last-level cache
+
+
+def _block_rows(rows: int, row_size: int, device: torch.device) -> int:
+    """Rows (of `row_size` entries) per block: ~BLOCK entries on CPU, all rows elsewhere."""
+    return rows if device.type != "cpu" else max(1, min(rows, BLOCK // max(row_size, 1)))
 
 
 def _channel_variance(flat: torch.Tensor) -> torch.Tensor:
-    """(T, D) -> (D,) population variance over the rows (two passes; the second in row blocks)."""
-    rows = flat.shape[0]
-    mean = flat.sum(0) / rows
-    total = torch.zeros_like(mean)
-    step = _row_step(*flat.shape, flat.device)
-    block = torch.empty(min(step, rows), flat.shape[1], dtype=flat.dtype, device=flat.device)
-    for i in range(0, rows, step):
-        part = block[: min(step, rows - i)]
-        torch.sub(flat[i:i + step], mean, out=part)
-        total += part.square_().sum(0)
-    return total / rows
+    """(T, D) -> (D,) population variance over the rows, in one pass over row blocks.
+
+    Each block is centred on its own first row (so squaring loses nothing to a large mean), its
+    mean and sum of squared deviations taken, and blocks are combined exactly (Chan et al.):
+    M2 = sum_b M2_b + sum_b n_b (mean_b - mean)^2.
+    """
+    rows, dim = flat.shape
+    step = _block_rows(rows, dim, flat.device)
+    count = (rows + step - 1) // step
+    means = torch.empty(count, dim, dtype=flat.dtype, device=flat.device)
+    m2 = torch.empty(count, dim, dtype=flat.dtype, device=flat.device)
+    sizes = torch.empty(count, 1, dtype=flat.dtype, device=flat.device)
+    block = torch.empty(min(step, rows), dim, dtype=flat.dtype, device=flat.device)
+    for b, i in enumerate(range(0, rows, step)):
+        rows_b = flat[i:i + step]
+        n = rows_b.shape[0]
+        part = block[:n]
+        torch.sub(rows_b, rows_b[0], out=part)
+        shifted_sum = part.sum(0)
+        torch.sum(part.square_(), 0, out=m2[b])
+        m2[b] -= shifted_sum.square() / n
+        torch.add(rows_b[0], shifted_sum, alpha=1 / n, out=means[b])
+        sizes[b] = n
+    mean = (means * sizes).sum(0) / rows
+    return (m2.sum(0) + ((means - mean).square_() * sizes).sum(0)) / rows
 
 
-def _masked_square_norms(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(T, D), (D,) 0/1 -> (T,) squared norms of each row restricted to the masked channels."""
-    rows = flat.shape[0]
-    out = torch.empty(rows, dtype=flat.dtype, device=flat.device)
-    step = _row_step(*flat.shape, flat.device)
-    block = torch.empty(min(step, rows), flat.shape[1], dtype=flat.dtype, device=flat.device)
-    for i in range(0, rows, step):
-        part = block[: min(step, rows - i)]
-        torch.mul(flat[i:i + step], flat[i:i + step], out=part)
-        torch.mv(part, mask, out=out[i:i + step])
-    return out
+def _norms_and_frame_sums(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, N, D), (D,) 0/1 -> norms (F, N) of the rows on the masked channels, and (F, 1, D) each
+    frame's sum of its rows divided by max(norm, 1e-12): one pass over frame blocks (the block is
+    still in cache for the weighted sum)."""
+    frames, per_frame, dim = x.shape
+    step = _block_rows(frames, per_frame * dim, x.device)
+    norms = torch.empty(frames, per_frame, dtype=x.dtype, device=x.device)
+    sums = torch.empty(frames, 1, dim, dtype=x.dtype, device=x.device)
+    block = torch.empty(min(step, frames), per_frame, dim, dtype=x.dtype, device=x.device)
+    for i in range(0, frames, step):
+        frames_b = x[i:i + step]
+        part = block[: frames_b.shape[0]]
+        torch.mul(frames_b, frames_b, out=part)
+        norm = torch.matmul(part, mask).sqrt_()  # (b, N)
+        norms[i:i + step] = norm
+        torch.bmm((1 / norm.clamp_min(1e-12)).unsqueeze(1), frames_b, out=sums[i:i + step])
+    return norms, sums
 
 
 def frame_budgets(v: torch.Tensor, retention: float) -> torch.Tensor:

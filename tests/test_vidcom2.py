@@ -79,6 +79,19 @@ def test_matches_literal_float32(frames, per_frame, dim):
     pytest.fail(f"only {checked} inputs with safe margins")
 
 
+@pytest.mark.parametrize("block", [1, 200, 2 * 49 * 24])
+def test_blocked_passes_match_literal(monkeypatch, block):
+    """Passes over X in blocks (as on CPU at full size): several blocks, a partial last one."""
+    import methods.vidcom2 as module
+
+    monkeypatch.setattr(module, "BLOCK", block)
+    for dtype in (torch.float64, torch.float32):
+        x = video(5, 49, 24, seed=21, dtype=dtype)
+        ref = reference_vidcom2(x, 0.33)
+        assert ref.margin > SAFE
+        assert torch.equal(vidcom2_compress(x, 0.33), ref.output)
+
+
 def test_budgets_differ_between_frames_and_follow_the_softmax():
     """The test inputs exercise step 4: frames unlike the video get more tokens."""
     x = video(6, 196, 32, seed=3, dtype=torch.float64)
