@@ -227,6 +227,18 @@ def test_registered_with_a_direct_retention_knob():
         methods.build("vidcom2", scope="frame")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_literal():
+    for seed in range(30, 50):
+        x = video(8, 196, 64, seed=seed)
+        ref = reference_vidcom2(x, 0.33)
+        if ref.margin > SAFE:
+            y = vidcom2_compress(x.cuda(), 0.33)
+            assert y.is_cuda and torch.equal(y.cpu(), ref.output)
+            return
+    pytest.fail("no input with safe margins")
+
+
 # ----------------------------------------------------------------------------------------------
 # Through the model
 
