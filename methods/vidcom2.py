@@ -102,7 +102,7 @@ def gaussian_scores(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return total[..., 0], total[..., 1]
 
 
-BLOCK = 2**20  # entries per block of a pass over X on CPU: temporaries stay in the last-level cache
+BLOCK = 2**21  # entries per block of a pass over X on CPU: temporaries stay in the last-level cache
 
 
 def _block_rows(rows: int, row_size: int, device: torch.device) -> int:
