@@ -18,6 +18,10 @@ is printed):
             size (2x196x256): at 32x196x3584 it would run k^2 n / 2 ~ 8e9 Python steps.
 CPU timings: the minimum over interleaved repetitions after a warm-up (other processes share the
 machine: the load average is printed). 2 threads unless --threads says otherwise.
+OMP_WAIT_POLICY=PASSIVE unless the environment sets it: on a shared, oversubscribed machine the
+OpenMP workers' spin-waiting after each parallel region takes the core the main thread needs, and
+code made of many small ops pays for it at every op (vidcom2 on an 8x196x64 input, 2 threads,
+load ~7 on 2 cores: 152 ms active vs 0.7 ms passive; 0.5 ms with 1 thread).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (see above)
 
 import torch
 
@@ -126,7 +132,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else 3
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; load average {os.getloadavg()[0]:.2f}")
     print("times in ms; ours and floor: best of interleaved runs; official and stream: one run")
     header = (f"{'shape':12} {'scope':5} {'r':>5} {'k':>5} {'ours':>8} {'floor':>8} {'official':>9} "
               f"{'stream':>8} {'ours/floor':>10} {'off/ours':>8} {'str/ours':>8}  picks vs official; vs stream")

@@ -17,6 +17,10 @@ Comparators (same output as ours on this input, checked):
             smaller size (4x196x64): at 32x196x3584 it would loop over 22M entries several times.
 CPU timings: the minimum over interleaved repetitions after a warm-up (other processes share the
 machine: the load average is printed). 2 threads unless --threads says otherwise.
+OMP_WAIT_POLICY=PASSIVE unless the environment sets it: on a shared, oversubscribed machine the
+OpenMP workers' spin-waiting after each parallel region takes the core the main thread needs, and
+code made of many small ops pays for it at every op (vidcom2 on an 8x196x64 input, 2 threads,
+load ~7 on 2 cores: 152 ms active vs 0.7 ms passive; 0.5 ms with 1 thread).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (see above)
 
 import torch
 
@@ -74,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else 15
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; load average {os.getloadavg()[0]:.2f}")
     print("times in ms, best of interleaved runs")
     header = (f"{'shape':12} {'r':>5} {'M':>5} {'rho_tok':>7} {'ours':>8} {'floor':>8} {'official':>9} "
               f"{'ours/floor':>10} {'off/ours':>8}  output")
