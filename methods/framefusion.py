@@ -58,7 +58,6 @@ from methods import register
 from methods.base import Compressor, RetentionKnob, check_range
 from methods.decoder import Keep, PrefillView
 from methods.flops import LLMShape, layer_flops, prefill_flops, tokens_within
-from methods.frames import cosine
 from methods.select import top_k_ascending
 
 __all__ = ["FrameFusion", "FrameFusionPolicy", "MergeStep", "merge_step", "removal_share"]
@@ -117,12 +116,19 @@ def merge_step(hidden: torch.Tensor, slots: torch.Tensor, sim_floor: float, limi
     share is below `merge_floor`); otherwise only the int(limit·V) most similar merge, and merging
     and pruning stop. A run of merged tokens collapses into the token before it (unweighted mean).
     """
-    count = hidden.shape[0]
-    order = torch.sort(slots, stable=True).indices  # by grid position, then frame
-    grouped, slot = hidden[order], slots[order]
-    sim = torch.full((count,), FIRST, dtype=torch.float32, device=hidden.device)
-    if count > 1:
-        sim[1:] = torch.where(slot[1:] == slot[:-1], cosine(grouped[:-1], grouped[1:]), FIRST)
+    count, device = hidden.shape[0], hidden.device
+    x = hidden.float()  # decisions and means in float32 (no copy for float32 input)
+    order = torch.sort(slots, stable=True).indices  # by grid position, then frame ("chain order")
+    chained = torch.zeros(count, dtype=torch.bool, device=device)
+    chained[1:] = slots[order[1:]] == slots[order[:-1]]  # has a predecessor at its grid position
+    first = torch.empty_like(chained)
+    first[order] = ~chained  # sequence order from here on
+    prev = order.clone()
+    prev[order[1:]] = order[:-1]  # the predecessor in chain order (meaningless where `first`)
+    # cosine with the predecessor: each norm once, the dots without a (V, D) temporary
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    dots = torch.einsum("vd,vd->v", x, x[prev])
+    sim = torch.where(first, FIRST, dots / (norms * norms[prev]).clamp(min=1e-12))
     similar = sim >= sim_floor
     merged = int(similar.sum())  # the one host synchronisation of the site
     ratio = merged / count
@@ -130,17 +136,20 @@ def merge_step(hidden: torch.Tensor, slots: torch.Tensor, sim_floor: float, limi
         members, stop, prune = similar, ratio < merge_floor, True
     else:  # the int(limit·V) <= `merged` most similar, all of them similar: the budget is met
         merged = int(limit * count)
-        members = torch.zeros(count, dtype=torch.bool, device=hidden.device)
-        members[top_k_ascending(sim, merged)] = True
+        members = torch.zeros(count, dtype=torch.bool, device=device)
+        members[order[top_k_ascending(sim[order], merged)]] = True  # ties: chain order
         stop, prune = True, False
-    index = torch.arange(count, device=hidden.device)
-    head = torch.where(members, -1, index).cummax(0).values  # the run's head: last non-member before
-    sums = torch.zeros(count, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    sums.index_add_(0, head, grouped.float())
-    sizes = torch.bincount(head, minlength=count)
-    heads = (~members).nonzero().flatten()
-    kept, back = order[heads].sort()
-    states = (sums[heads] / sizes[heads, None])[back]
+    kept = (~members).nonzero().flatten()
+    states = x
+    if merged:
+        # in chain order, a member's run collapses into the last non-member before it; one pass
+        # over the rows adds each into its head's row (a kept token is its own head)
+        step = torch.arange(count, device=device)
+        head = torch.empty_like(order)
+        head[order] = order[torch.where(members[order], -1, step).cummax(0).values]
+        target = (torch.cumsum(~members, 0) - 1)[head]  # row of the head among the kept
+        states = torch.zeros(len(kept), x.shape[1], dtype=x.dtype, device=device).index_add_(0, target, x)
+        states /= torch.bincount(target, minlength=len(kept))[:, None]
     return MergeStep(kept, states.to(hidden.dtype), merged, ratio, stop, prune)
 
 
