@@ -38,14 +38,17 @@ Deviations (and why):
   before layer 0 is free in that count; the official charges the attention's input);
 - `cost` below what the prompt allows (the text alone, or the layers already merged, cost more)
   raises a ValueError naming the reachable floor (official: "The cost is too small");
-- similarity and means in float32 (official: model dtype, `index_add_` noted as unstable); ties in
-  the top-k merge and in pruning go to the lower index (grid position, then frame; official `topk`:
-  unspecified); grouped-query attention KV heads expanded; softmax in float32 (official: model dtype);
+- similarity and means in float32 (official: model dtype, `index_add_` noted as unstable); ties go
+  to the lower index (official `topk`: unspecified): in the top-k merge by grid position, then
+  frame (the official's ranking order), in pruning by sequence index; grouped-query attention KV
+  heads expanded; softmax in float32 (official: model dtype);
 - LLaVA-OneVision has one newline after the video: it is text, never merged or pruned (the
   official LLaVA-Video layout has a newline per row, counted as a 15th grid column). Grid
   positions are read from the tokens' position ids, so a visual stage giving `VideoTokens` in front
   keeps them; in such a stack `cost` is relative to the prefill of the tokens it hands over.
-Host synchronisation: one scalar per site (how many tokens are similar; the official `.item()`).
+Where merging stops depends on the data, so the policy is called between attention and MLP of every
+layer (a no-op once it is done). Host synchronisation: a few scalars per site (how many tokens are
+similar, as the official `.item()`, and how many survive).
 """
 
 from __future__ import annotations
@@ -125,12 +128,12 @@ def merge_step(hidden: torch.Tensor, slots: torch.Tensor, sim_floor: float, limi
     first[order] = ~chained  # sequence order from here on
     prev = order.clone()
     prev[order[1:]] = order[:-1]  # the predecessor in chain order (meaningless where `first`)
-    # cosine with the predecessor: each norm once, the dots without a (V, D) temporary
+    # cosine with the predecessor: each norm once, the row-wise dots without a product temporary
     norms = torch.linalg.vector_norm(x, dim=-1)
     dots = torch.einsum("vd,vd->v", x, x[prev])
     sim = torch.where(first, FIRST, dots / (norms * norms[prev]).clamp(min=1e-12))
     similar = sim >= sim_floor
-    merged = int(similar.sum())  # the one host synchronisation of the site
+    merged = int(similar.sum())  # the site's decision is taken on the host (official `.item()`)
     ratio = merged / count
     if ratio < limit:
         members, stop, prune = similar, ratio < merge_floor, True
