@@ -13,7 +13,8 @@ sequence. The driver keeps original position ids and per-layer caches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from methods import register
 from methods.base import Compressor, RetentionKnob, check_int, check_range
@@ -26,24 +27,49 @@ def kept_count(keep: float, video_tokens: int) -> int:
     return max(1, round(keep * video_tokens))
 
 
+def iterative_counts(keep: float, video_tokens: int, stages: int) -> list[int]:
+    """Video tokens kept after each stage when every stage keeps `keep` of those that reached it,
+    max(1, round(keep*current)) (FastV has one stage)."""
+    counts, current = [], video_tokens
+    for _ in range(stages):
+        current = kept_count(keep, current)
+        counts.append(current)
+    return counts
+
+
 @dataclass
 class PruneByLastToken:
-    """Before each layer in `layers`, keep the `keep` share of the video tokens that reached it,
-    ranked by the last prompt token's attention at the previous layer (FastV, PyramidDrop)."""
+    """Before each layer in `layers`, keep some of the video tokens that reached it, ranked by the
+    last prompt token's attention (ties: lower index).
+
+    counts(keep, video_tokens, stages) gives the tokens kept after each stage from the video
+    tokens entering the first one. own_layer: rank with the attention of the layer the policy
+    precedes (PyramidDrop), not of the layer before it (FastV). A fresh policy per prefill: the
+    driver calls it once per layer of `layers`, in order.
+    """
 
     layers: tuple[int, ...]
     keep: float
     depth: int
+    counts: Callable[[float, int, int], list[int]] = iterative_counts
+    own_layer: bool = False
+    _entering: int = field(default=0, init=False, repr=False)  # video tokens at the first stage
+    _stage: int = field(default=0, init=False, repr=False)
 
     def act(self, view: PrefillView) -> Keep:
-        scores = view.attention()[0, view.video]
-        return Keep(top_k_ascending(scores, kept_count(self.keep, len(view.video))))
+        if self._stage == 0:
+            self._entering = len(view.video)
+        k = self.counts(self.keep, self._entering, len(self.layers))[self._stage]
+        self._stage += 1
+        rows = view.attention(layer=view.layer) if self.own_layer else view.attention()
+        return Keep(top_k_ascending(rows[0, view.video], k))
 
     def planned(self, video_tokens: int, groups=None) -> list[int]:
+        stages = iter(self.counts(self.keep, video_tokens, len(self.layers)))
         counts, current = [], video_tokens
         for i in range(self.depth):
             if i in self.layers:
-                current = kept_count(self.keep, current)
+                current = next(stages)
             counts.append(current)
         return counts
 

@@ -1,0 +1,234 @@
+"""FrameFusion: merge video tokens that repeat the previous frame, then prune by attention, in the LLM.
+
+In the first layers, a video token whose hidden state has cosine >= `sim_floor` with the nearest
+earlier token at the same grid position is averaged into it, layer by layer while a layer merges
+>= `merge_floor` of the tokens; the next layer then keeps the video tokens the last prompt token
+attends to most, so that the prefill FLOPs are `cost` times the unpruned prefill's.
+
+Spec: shared/spec/methods-video.md ("FrameFusion"); FLOPs: shared/spec/measurement.md.
+Official code: thu-nics/FrameFusion, `framefusion/main.py` (`FrameFusion.forward`,
+`compute_similarity_and_token_index_by_patch`, `merge_tokens_and_get_mask`,
+`_compute_pruning_ratio`), `framefusion/models/qwen2/modeling_qwen2.py` (where it is called:
+before layer 0's attention, then in every layer between attention and MLP),
+`framefusion/utils.py` (`scaled_dot_product_attention`, last query only),
+`framefusion/models/llava_video/modeling_llava_video.py` (patch types), `framefusion/interface.py`
+(defaults cost 0.3, similarity_lower_bound 0.6, ratio_lower_bound 0.1). Notes with the quoted code:
+/work/notes/pdrop_framefusion.md.
+
+As the official code (the spec is silent or loose on these):
+- sites: once before layer 0 (on the embeddings), then in layer i between attention and MLP (on the
+  residual stream after attention): the driver's `layers=(0,)` and `mid_layers`;
+- "previous frame" = the nearest earlier surviving token of the same grid position (after merges it
+  can be several frames back); a merged run t_a..t_b collapses into the token just before it:
+  h <- unweighted mean of the current states of that token and the run; it keeps its position id;
+- the share merged at a site is over the video tokens present there; the site that falls below
+  `merge_floor` still merges, then merging stops and the next site prunes with the attention of
+  its layer (last prompt token's row, mean over heads, over all entries); if a site's similar
+  share reaches the removal share the budget asks for, only the int(p·V) most similar merge and
+  nothing is pruned (the official rule the spec does not mention);
+- counts: int() for the merge count, Python round() for the pruning count.
+
+Deviations (and why):
+- `cost` is the spec's target prefill FLOPs ratio (methods/flops.py), not the official linear
+  video-token budget with num_layers = 28 hard-coded: at each site the removal share is the one that
+  leaves, in every later layer, the video tokens `tokens_within` the FLOPs left (the official formula
+  with FLOPs in place of token counts and the model's real depth). Layers are charged as the
+  harness measures them: a layer in which a site acts counts the video tokens its MLP processes
+  (the driver's per-layer count), so the harness's rho_flops is `cost` to within one token (a site
+  before layer 0 is free in that count; the official charges the attention's input);
+- `cost` below what the prompt allows (the text alone, or the layers already merged, cost more)
+  raises a ValueError naming the reachable floor (official: "The cost is too small");
+- similarity and means in float32 (official: model dtype, `index_add_` noted as unstable); ties go
+  to the lower index (official `topk`: unspecified): in the top-k merge by grid position, then
+  frame (the official's ranking order), in pruning by sequence index; grouped-query attention KV
+  heads expanded; softmax in float32 (official: model dtype);
+- LLaVA-OneVision has one newline after the video: it is text, never merged or pruned (the
+  official LLaVA-Video layout has a newline per row, counted as a 15th grid column). Grid
+  positions are read from the tokens' position ids, so a visual stage giving `VideoTokens` in front
+  keeps them; in such a stack `cost` is relative to the prefill of the tokens it hands over.
+Where merging stops depends on the data, so the policy is called between attention and MLP of every
+layer (a no-op once it is done). Host synchronisation: a few scalars per site (how many tokens are
+similar, as the official `.item()`, and how many survive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from methods import register
+from methods.base import Compressor, RetentionKnob, check_range
+from methods.decoder import Keep, PrefillView
+from methods.flops import LLMShape, layer_flops, prefill_flops, tokens_within
+from methods.select import top_k_ascending
+
+__all__ = ["FrameFusion", "FrameFusionPolicy", "MergeStep", "merge_step", "removal_share"]
+
+FRAME_TOKENS = 196  # LLaVA-OneVision's pooled 14x14 grid per frame (spec: N = 196)
+FIRST = -2.0  # similarity of a grid position's first token: never merges (official IGNORE_TOKEN)
+EXACT = 1e-6  # tokens_within this close to the present count: nothing to remove (cost = 1)
+
+
+def removal_share(cost: float, text: int, video: int, spent: list[int], current: int,
+                  shape: LLMShape) -> float:
+    """Share of the `current` video tokens to remove now so that, with the same count in every layer
+    not yet in `spent` (per-layer video counts of the layers already paid for), the prefill costs
+    `cost` x the unpruned prefill of text + video tokens. 0 when the budget allows them all.
+
+    The official `_compute_pruning_ratio`, in FLOPs: raises ValueError when even no video token in
+    the remaining layers would fit the budget.
+    """
+    budget = cost * prefill_flops(text, [video] * shape.layers, shape)
+    rest = shape.layers - len(spent)
+    left = budget - prefill_flops(text, spent, shape)
+    if left < rest * layer_flops(text, shape.hidden, shape.ffn):
+        floor = (prefill_flops(text, spent, shape) + rest * layer_flops(text, shape.hidden, shape.ffn)) / (
+            budget / cost)
+        raise ValueError(
+            f"framefusion.cost={cost}: unreachable on this prompt ({text} text and {video} video "
+            f"tokens): the {len(spent)} layer(s) merged so far and the text alone in the other {rest} "
+            f"cost {100 * floor:.2f}% of the unpruned prefill FLOPs; expected cost >= that "
+            "(official: 'The cost is too small')")
+    allowed = tokens_within(left, rest, text, shape)
+    if allowed >= current - EXACT:
+        return 0.0
+    return 1.0 - allowed / current
+
+
+@dataclass
+class MergeStep:
+    """One merging site's outcome over the video tokens present there (sequence order)."""
+
+    keep: torch.Tensor  # (k,) long: indices of the surviving video tokens, ascending
+    hidden: torch.Tensor  # (k, D) their states (heads of merged runs averaged), input dtype
+    merged: int  # video tokens merged away
+    ratio: float  # merged / present
+    stop: bool  # merging stops after this site
+    prune: bool  # a pruning site follows (False: the merge met the budget itself)
+
+
+@torch.no_grad()
+def merge_step(hidden: torch.Tensor, slots: torch.Tensor, sim_floor: float, limit: float,
+               merge_floor: float) -> MergeStep:
+    """FrameFusion's merge at one site: hidden (V, D) video states in sequence order, slots (V,) the
+    grid position of each; `limit` is the removal share the budget asks for (`removal_share`).
+
+    Each token is compared (cosine) with the previous token of its grid position; if the share of
+    tokens with cosine >= sim_floor is below `limit`, all of them merge (and merging stops when the
+    share is below `merge_floor`); otherwise only the int(limit·V) most similar merge, and merging
+    and pruning stop. A run of merged tokens collapses into the token before it (unweighted mean).
+    """
+    count, device = hidden.shape[0], hidden.device
+    x = hidden.float()  # decisions and means in float32 (no copy for float32 input)
+    order = torch.sort(slots, stable=True).indices  # by grid position, then frame ("chain order")
+    chained = torch.zeros(count, dtype=torch.bool, device=device)
+    chained[1:] = slots[order[1:]] == slots[order[:-1]]  # has a predecessor at its grid position
+    first = torch.empty_like(chained)
+    first[order] = ~chained  # sequence order from here on
+    prev = order.clone()
+    prev[order[1:]] = order[:-1]  # the predecessor in chain order (meaningless where `first`)
+    # cosine with the predecessor: each norm once, the row-wise dots without a product temporary
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    dots = torch.einsum("vd,vd->v", x, x[prev])
+    sim = torch.where(first, FIRST, dots / (norms * norms[prev]).clamp(min=1e-12))
+    similar = sim >= sim_floor
+    merged = int(similar.sum())  # the site's decision is taken on the host (official `.item()`)
+    ratio = merged / count
+    if ratio < limit:
+        members, stop, prune = similar, ratio < merge_floor, True
+    else:  # the int(limit·V) <= `merged` most similar, all of them similar: the budget is met
+        merged = int(limit * count)
+        members = torch.zeros(count, dtype=torch.bool, device=device)
+        members[order[top_k_ascending(sim[order], merged)]] = True  # ties: chain order
+        stop, prune = True, False
+    kept = (~members).nonzero().flatten()
+    states = x
+    if merged:
+        # in chain order, a member's run collapses into the last non-member before it; one pass
+        # over the rows adds each into its head's row (a kept token is its own head)
+        step = torch.arange(count, device=device)
+        head = torch.empty_like(order)
+        head[order] = order[torch.where(members[order], -1, step).cummax(0).values]
+        target = (torch.cumsum(~members, 0) - 1)[head]  # row of the head among the kept
+        states = torch.zeros(len(kept), x.shape[1], dtype=x.dtype, device=device).index_add_(0, target, x)
+        states /= torch.bincount(target, minlength=len(kept))[:, None]
+    return MergeStep(kept, states.to(hidden.dtype), merged, ratio, stop, prune)
+
+
+@dataclass
+class FrameFusionPolicy:
+    """The prefill policy: merge sites before layer 0 and between attention and MLP of every layer
+    until merging stops, then one pruning site. A fresh policy per prefill (it keeps state)."""
+
+    cost: float
+    sim_floor: float
+    merge_floor: float
+    shape: LLMShape
+    frame_tokens: int = FRAME_TOKENS
+    merging: bool = field(default=True, init=False)
+    pruning: bool = field(default=True, init=False)
+    text: int = field(default=0, init=False)  # non-video tokens of the prompt
+    video: int = field(default=0, init=False)  # video tokens entering the LLM
+    spent: list[int] = field(default_factory=list, init=False)  # video tokens charged per layer so far
+    ratios: list[float] = field(default_factory=list, init=False)  # share merged at each merging site
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (0,)
+
+    @property
+    def mid_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.shape.layers))
+
+    def planned(self, video_tokens: int, groups=None) -> None:
+        return None  # how many tokens merge depends on the data
+
+    def act(self, view: PrefillView) -> Keep | None:
+        if not (self.merging or self.pruning):
+            return None
+        present = len(view.video)
+        if not view.mid and view.layer == 0:
+            self.text, self.video = view.hidden.shape[1] - present, present
+        keep = None
+        if present == 0:
+            self.merging = self.pruning = False
+        elif self.merging:
+            limit = removal_share(self.cost, self.text, self.video, self.spent, present, self.shape)
+            positions = view.positions.reshape(-1, view.positions.shape[-1])[0, view.video]
+            slots = (positions - view.video_start) % self.frame_tokens
+            step = merge_step(view.hidden[0, view.video], slots, self.sim_floor, limit, self.merge_floor)
+            self.ratios.append(step.ratio)
+            self.merging, self.pruning = not step.stop, step.prune
+            keep = Keep(step.keep, step.hidden) if step.merged else None
+            present -= step.merged
+        else:  # the site after merging stopped: prune with this layer's attention
+            limit = removal_share(self.cost, self.text, self.video, self.spent, present, self.shape)
+            scores = view.attention()[0, view.video]
+            present = round(present * (1 - limit))
+            keep = Keep(top_k_ascending(scores, present))
+            self.pruning = False
+        if view.mid:  # this layer is now paid for: its MLP (the driver's count) sees `present`
+            self.spent.append(present)
+        return keep
+
+
+@register
+@dataclass
+class FrameFusion(Compressor):
+    name = "framefusion"
+    stages = frozenset({"prefill"})
+    # retention=r sets cost = r directly: the target prefill FLOPs ratio (rho_flops)
+    retention_knob = RetentionKnob("cost", measure="rho_flops", direct=True)
+    label_knobs = ("cost", "sim_floor", "merge_floor")
+    cost: float = 0.3
+    sim_floor: float = 0.6
+    merge_floor: float = 0.1
+
+    def __post_init__(self):
+        check_range("framefusion.cost", self.cost, 0.0, 1.0, low_open=True)
+        check_range("framefusion.sim_floor", self.sim_floor, -1.0, 1.0)
+        check_range("framefusion.merge_floor", self.merge_floor, 0.0, 1.0)
+
+    def prefill_policy(self, llm: LLMShape) -> FrameFusionPolicy:
+        return FrameFusionPolicy(self.cost, self.sim_floor, self.merge_floor, llm)
