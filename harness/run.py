@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import os
 import sys
 from dataclasses import dataclass
@@ -55,11 +56,20 @@ def method_defaults(name: str) -> dict:
     return spec
 
 
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "/".join(_value(x) for x in v)
+    return str(v)
+
+
 def _label(compressor: Compressor, knobs: dict) -> str:
+    """The shown knobs (label_knobs) as k=v; knobs left at None (an official default the method
+    derives, e.g. a layer scaled to the model's depth) are not shown."""
     short = {"retention": "r"}  # r=0.25 reads the same for every method in a table
     shown = compressor.label_knobs if compressor.label_knobs is not None else knobs.keys()
-    return ",".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
-                    for k, v in knobs.items() if k in shown)
+    return ",".join(f"{short.get(k, k)}={_value(v)}" for k, v in knobs.items() if k in shown and v is not None)
 
 
 def describe(compressor: Compressor, target: float | None) -> str:
@@ -130,6 +140,7 @@ def run_id(cfg: DictConfig, choice: MethodChoice) -> str:
         "seed": cfg.seed,
     }
     label = choice.label.replace("=", "").replace(",", "_").replace("; ", "+") if choice.label else ""
+    label = re.sub(r"[^A-Za-z0-9._+-]", "_", label)[:80]  # a directory name, whatever the knob values
     return "-".join(x for x in (cfg.task.name, cfg.model.name, choice.title, label, digest(identity)[:8]) if x)
 
 
