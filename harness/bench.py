@@ -4,6 +4,14 @@
                             [--methods none scissor:tau=0.9 uniform:retention=0.25 ...]
                             [--retentions 0.5 0.25 0.1] [--videos 2] [--repeats 2] [--out DIR]
 
+    python -m harness.bench --features 32x196x3584 [--methods ...] [--retentions 0.25]
+
+`--features FxNxD` times only each method's own work at that size, without a model: a visual
+stage on clustered synthetic features (with encoder scores, keys and states as methods ask), a
+prefill policy's first act on a sequence of F*N video + 64 text tokens through one random decoder
+layer of that width (LLaVA-OneVision-7B's heads for D = 3584), and the share of the LLM prefill of
+that many tokens it would cost (analytic FLOPs of a 28-layer LLM of that width, timed by one layer).
+
 Positional `key=value` arguments select and configure the model as for `python -m harness`
 (default: the embedded model). `--methods` takes `name[:knob=v,...]` (`a:..+b:..` stacks them);
 with `--retentions`, every method named without knobs runs at each retention, its declared knob
@@ -36,8 +44,9 @@ from harness.llava import LlavaOneVision
 from harness.video import read_frames
 from methods.flops import LLMShape, encoder_flops, prefill_flops
 
-DEFAULT_METHODS = ["none", "scissor:tau=0.9", "uniform:retention=0.25", "topk:retention=0.25",
-                   "fastv:keep=0.25"]
+DEFAULT_METHODS = ["none", "scissor", "fastv", "topk", "uniform", "pllava", "visionzip", "dycoke", "vidcom2",
+                   "fastvid", "holitom", "prunevid", "divprune", "pdrop", "framefusion"]
+DEFAULT_RETENTIONS = [0.25]  # methods named without knobs run at these (--retentions)
 QUESTION = "What colour is the moving square?\nA. red\nB. green\nC. blue\nD. white\nAnswer:"
 
 
@@ -96,8 +105,9 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def build(spec: str, retention: float | None, adapter, pixels, text_tokens: int):
-    """The compressor a spec names, at `retention` (its declared knob set or searched on `pixels`)."""
+def build(spec: str, retention: float | None, visual, full_video: int, text_tokens: int, shape: LLMShape):
+    """The compressor a spec names, at `retention`: its declared knob set directly, or searched as
+    `retention=` does in a run, on the videos `visual(needs)` encodes (a list of VisualInput)."""
     name, knobs = parse_method(spec)
     compressor = methods.build(name, **knobs)
     if retention is None or compressor.reference:
@@ -109,9 +119,9 @@ def build(spec: str, retention: float | None, adapter, pixels, text_tokens: int)
         return compressor.with_knob(mapping.knob, retention), f"{spec} r={retention:g}"
     from harness.calibrate import CalibrationSet, search
 
-    visual = [adapter.encode(px, compressor.needs)[0] for px in pixels] if compressor.has("visual") else None
-    data = CalibrationSet([text_tokens] * len(pixels), pixels[0].shape[0] * adapter.tokens_per_frame, visual)
-    found = search(compressor, retention, data, LLMShape.of(adapter.config.text_config))
+    videos = visual(compressor.needs) if compressor.has("visual") else None
+    count = len(videos) if videos is not None else 1
+    found = search(compressor, retention, CalibrationSet([text_tokens] * count, full_video, videos), shape)
     for knob, value in found["knobs"].items():
         compressor = compressor.with_knob(knob, value)
     return compressor, f"{spec} r={retention:g}"
@@ -179,6 +189,93 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def synthetic_visual(frames: int, tokens: int, dim: int, seed: int = 0):
+    """Features of a few objects shared across frames (token = centroid + noise), with the encoder
+    inputs methods may ask for (27x27 patch scores and keys, 1152-wide encoder states)."""
+    from methods.base import VisualInput
+
+    g = torch.Generator().manual_seed(seed)
+    centroids = torch.randn(64, dim, generator=g)
+    pick = torch.multinomial(torch.arange(1, 65, dtype=torch.float64) ** -1.0, frames * tokens,
+                             replacement=True, generator=g)
+    features = centroids[pick].view(frames, tokens, dim) + 0.3 * torch.randn(frames, tokens, dim, generator=g)
+    patches = 729
+    return VisualInput(features, (int(tokens ** 0.5),) * 2,
+                       patch_scores=torch.rand(frames, patches, generator=g).softmax(-1),
+                       patch_keys=torch.randn(frames, patches, 72, generator=g),
+                       encoder_hidden=torch.randn(frames, patches, 1152, generator=g))
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compressors_only(specs: list[str], retentions: list[float] | None, shape: tuple[int, int, int],
+                     repeats: int) -> pd.DataFrame:
+    """Each method's own work at F x N x D, and its share of the LLM prefill of that many tokens."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import (Qwen2DecoderLayer, Qwen2RotaryEmbedding,
+                                                          apply_rotary_pos_emb)
+
+    from methods.decoder import PrefillView
+
+    frames, tokens, dim = shape
+    visual = synthetic_visual(frames, tokens, dim)
+    heads = max(1, dim // 128)
+    config = Qwen2Config(hidden_size=dim, intermediate_size=int(dim * 5.29), num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 7), num_hidden_layers=28)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = Qwen2DecoderLayer(config, 0).eval()
+    text = 64
+    n = frames * tokens + text
+    hidden = torch.randn(1, n, dim) * 0.02
+    positions = torch.arange(n)[None]
+    rotary = Qwen2RotaryEmbedding(config)(hidden, positions)
+    with torch.no_grad():
+        layer_time = _median_time(lambda: layer(hidden, attention_mask=None, position_embeddings=rotary),
+                                  max(1, repeats // 2))
+    llm = LLMShape(dim, config.intermediate_size, 28)
+    rows = []
+    for spec in specs:
+        name, knobs = parse_method(spec)
+        for retention in ([None] if ":" in spec or name == "none" or not retentions else retentions):
+            try:
+                compressor, label = build(spec, retention, lambda needs: [visual], frames * tokens, text, llm)
+            except ValueError as err:
+                print(f"skipped {spec} at retention {retention}: {err}", file=sys.stderr)
+                continue
+            row = {"method": name, "setting": label}
+            with torch.no_grad():
+                if compressor.has("visual"):
+                    row["visual ms"] = 1000 * _median_time(lambda: compressor.compress(visual), repeats)
+                if compressor.has("prefill"):
+                    policy_layers = compressor.prefill_policy(llm).layers or (1,)
+                    at = policy_layers[0]
+
+                    def act():
+                        policy = compressor.prefill_policy(llm)
+                        inputs = {at - 1: (layer, hidden, rotary), at: (layer, hidden, rotary)}
+                        view = PrefillView(at, hidden, positions, torch.arange(n), torch.arange(frames * tokens),
+                                           0, torch.arange(frames * tokens, n), False, None, inputs,
+                                           apply_rotary_pos_emb)
+                        policy.act(view)
+
+                    row["prefill policy ms"] = 1000 * _median_time(act, repeats)
+            own = row.get("visual ms", 0.0) + row.get("prefill policy ms", 0.0)
+            row["share of the full prefill"] = own / (1000 * 28 * layer_time)
+            flops = compressor.flops(frames, tokens, dim)
+            row["compressor GFLOPs"] = flops / 1e9 if flops is not None else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def load_model(overrides: list[str], model_path: str | None, dtype: str | None, device: str):
     """The adapter for `--model PATH`, or for the Hydra model config the overrides select."""
     if model_path is not None:
@@ -208,9 +305,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    parser.add_argument("--retentions", nargs="+", type=float, default=None)
+    parser.add_argument("--retentions", nargs="+", type=float, default=DEFAULT_RETENTIONS)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--features", default=None, help="FxNxD: time each method's own work only")
     args = parser.parse_args(argv)
+    if args.features:
+        shape = tuple(int(x) for x in args.features.lower().split("x"))
+        table = compressors_only([m for m in args.methods if m != "none"], args.retentions, shape,
+                                 args.repeats)
+        print(f"compressor time at {args.features} | CPU ({torch.get_num_threads()} threads) | "
+              f"median of {args.repeats}\n")
+        print(table.to_markdown(index=False, floatfmt=".3g"))
+        return 0
     adapter, name = load_model(args.overrides, args.model, args.dtype, args.device)
     if args.video_dir is None:
         from harness.smoke_data import generate
@@ -225,7 +331,9 @@ def main(argv=None) -> int:
         targets = [None] if has_knobs or args.retentions is None or spec == "none" else args.retentions
         for retention in targets:
             try:
-                compressor, label = build(spec, retention, adapter, pixels, text)
+                compressor, label = build(spec, retention, lambda needs: [adapter.encode(px, needs)[0] for px in pixels],
+                                          pixels[0].shape[0] * adapter.tokens_per_frame, text,
+                                          LLMShape.of(adapter.config.text_config))
             except ValueError as err:  # e.g. a retention below what the method can reach
                 print(f"skipped {spec} at retention {retention}: {err}", file=sys.stderr)
                 continue
