@@ -64,21 +64,25 @@ def _value(v) -> str:
     return str(v)
 
 
-def _label(compressor: Compressor, knobs: dict) -> str:
+def _label(compressor: Compressor, knobs: dict, direct: bool = False) -> str:
     """The shown knobs (label_knobs) as k=v; knobs left at None (an official default the method
-    derives, e.g. a layer scaled to the model's depth) are not shown."""
+    derives, e.g. a layer scaled to the model's depth) are not shown. `direct`: the retention knob
+    was set from `retention=`, so it reads r=..."""
     short = {"retention": "r"}  # r=0.25 reads the same for every method in a table
+    if direct and compressor.retention_knob is not None:
+        short[compressor.retention_knob.knob] = "r"
     shown = compressor.label_knobs if compressor.label_knobs is not None else knobs.keys()
     return ",".join(f"{short.get(k, k)}={_value(v)}" for k, v in knobs.items() if k in shown and v is not None)
 
 
-def describe(compressor: Compressor, target: float | None) -> str:
-    """A run's label: its knobs, or the retention its declared knob was calibrated to."""
+def describe(compressor: Compressor, target: float | None, direct: bool = False) -> str:
+    """A run's label: its knobs, or the retention its declared knob was calibrated to (or, `direct`,
+    set to)."""
     if compressor.composite:
         tuned = compressor.retention_knob.knob.split(".")[0] if target is not None else None
         return "; ".join(f"r={target:g}" if p.name == tuned else _label(p, p.knobs())
                          for p in compressor.parts)
-    return f"r={target:g}" if target is not None else _label(compressor, compressor.knobs())
+    return f"r={target:g}" if target is not None else _label(compressor, compressor.knobs(), direct)
 
 
 def choose_method(cfg: DictConfig) -> MethodChoice:
@@ -126,7 +130,9 @@ def choose_method(cfg: DictConfig) -> MethodChoice:
             raise
         raise ConfigError(str(err)) from err
     return MethodChoice(name=name, knobs=spec, target_retention=target,
-                        label=describe(compressor, target), title=compressor.title)
+                        label=describe(compressor, target, direct=cfg.retention is not None
+                                       and not compressor.reference),
+                        title=compressor.title)
 
 
 def run_id(cfg: DictConfig, choice: MethodChoice) -> str:
