@@ -106,7 +106,7 @@ def part_prefill(frames, repeats):
     def fused():
         out = decoder.prefill(llm, embeds, positions, span, compressor.prefill_policy(shape),
                               logits_to_keep=1, timer=watch)
-        counts["layers"] = out.layer_video_tokens
+        counts["layers"], counts["mlp"] = out.layer_video_tokens, out.layer_mlp_video_tokens
         return out
 
     with torch.inference_mode():
@@ -114,11 +114,11 @@ def part_prefill(frames, repeats):
         watch.total = 0.0
         fused()
         policy_ms = watch.total * 1e3
-    flops = retention_numbers(video, embeds.shape[1] - video, counts["layers"], shape)["rho_flops"]
+    flops = retention_numbers(video, embeds.shape[1] - video, counts["layers"], shape, counts["mlp"])["rho_flops"]
     saved = t["none"] - (t["framefusion"] - policy_ms)
     print(f"2. prefill, random Qwen2 with 0.5B layer shapes, 8 layers, {frames}x196 video + {TEXT} text")
     print(f"   none {t['none']:8.1f} ms   framefusion {t['framefusion']:8.1f} ms (rho_flops {flops:.3f}, "
-          f"layers {counts['layers']})")
+          f"attention {counts['layers']}, MLP {counts['mlp']})")
     print(f"   policy's own time {policy_ms:.1f} ms = {100 * policy_ms / t['framefusion']:.1f}% of its "
           f"prefill; LLM time saved {saved:.1f} ms; policy/saved {policy_ms / saved:.3f}")
 

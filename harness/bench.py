@@ -150,7 +150,8 @@ def measure(adapter: LlavaOneVision, compressor, pixels, repeats: int, max_new_t
         "peak MB": statistics.median(memory) / 2**20,
         "vision TFLOPs": encoder_flops(adapter.config.vision_config, frames, shape.hidden) / 1e12,
         "compressor GFLOPs": compressor_flops / 1e9 if compressor_flops is not None else float("nan"),
-        "prefill TFLOPs": prefill_flops(run.text_tokens, run.layer_video_tokens, shape) / 1e12,
+        "prefill TFLOPs": prefill_flops(run.text_tokens, run.layer_video_tokens, shape,
+                                        run.layer_mlp_video_tokens) / 1e12,
     }
 
 

@@ -80,7 +80,9 @@ def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: b
 def stack_retention(compressor: Compressor, video_tokens: int, full_video: int, text: int,
                     shape: LLMShape, groups: torch.Tensor | None = None) -> dict:
     """The retention numbers of one prompt whose visual stage left `video_tokens` tokens (with
-    these group ids, if it gives them), with the per-layer counts its prefill policy plans."""
+    these group ids, if it gives them), with the per-layer counts its prefill policy plans (a
+    policy that plans acts before layers only, so its attention and MLP counts are the same; one
+    acting mid-layer plans nothing)."""
     layers = [video_tokens] * shape.layers
     if compressor.has("prefill"):
         planned = compressor.prefill_policy(shape).planned(video_tokens, groups)

@@ -127,7 +127,9 @@ class VideoPass:
     video_tokens_in: int = 0  # F*N tokens produced by the vision side
     video_tokens_out: int = 0  # tokens the LLM's first pruned layer sees
     text_tokens: int = 0  # prompt tokens that are not video tokens (newline included)
-    layer_video_tokens: list[int] = field(default_factory=list)  # video tokens per LLM layer
+    layer_video_tokens: list[int] = field(default_factory=list)  # video tokens per LLM layer's attention
+    layer_mlp_video_tokens: list[int] = field(default_factory=list)  # ... per layer's MLP (fewer only
+    # where a method acts between a layer's attention and its MLP)
     decode_video_visible: list[float] = field(default_factory=list)  # per decode step, share of the
     # cached video entries a decode policy let later layers attend to
     timings: dict = field(default_factory=dict)  # seconds: vision, compressor, prefill, decode, ttft
@@ -335,6 +337,7 @@ class LlavaOneVision:
                               timer=lambda: self.stopwatch("compressor", prompt.run.timings),
                               video_groups=prompt.groups)
         prompt.run.layer_video_tokens = out.layer_video_tokens
+        prompt.run.layer_mlp_video_tokens = out.layer_mlp_video_tokens
         prompt.run.video_tokens_out = first_pruned(out.layer_video_tokens)
         return out
 

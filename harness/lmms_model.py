@@ -111,7 +111,8 @@ class VTCModel(lmms):
                        "text": run.text_tokens},
             "retention": {
                 **retention_numbers(run.video_tokens_in, run.text_tokens, run.layer_video_tokens,
-                                    LLMShape.of(self.adapter.config.text_config)),
+                                    LLMShape.of(self.adapter.config.text_config),
+                                    run.layer_mlp_video_tokens),
                 # decode-stage methods (DyCoke): share of cached video entries attended per step
                 "rho_decode_kv": sum(visible) / len(visible) if visible else None},
             "timings": run.timings,

@@ -15,7 +15,9 @@ what the model's own forward computes. Methods that act inside the LLM plug in a
   (masked, not truncated).
 
 Attention rows a policy needs come from `methods.attention` for the one layer asked, never from
-eager attention. Policies report nothing into harness objects: `Prefill.layer_video_tokens` and
+eager attention. Policies report nothing into harness objects: `Prefill.layer_video_tokens` (video
+tokens each layer's attention saw, which its KV cache holds), `Prefill.layer_mlp_video_tokens` (those
+its MLP saw: fewer only where a policy dropped tokens mid-layer) and
 `DecoderState.decode_video_visible` carry the counts back.
 """
 
@@ -130,9 +132,10 @@ class PrefillPolicy(Protocol):
     def act(self, view: PrefillView) -> Keep | None: ...
 
     def planned(self, video_tokens: int, groups: torch.Tensor | None = None) -> list[int] | None:
-        """Video tokens each layer will process when `video_tokens` enter the LLM (with these
-        group ids, if the visual stage gives them), if known without running the LLM (FLOPs
-        matching); None when it depends on the data."""
+        """Video tokens each layer's attention will process when `video_tokens` enter the LLM
+        (with these group ids, if the visual stage gives them), if known without running the LLM
+        (FLOPs matching); None when it depends on the data. A policy acting before layers only: its
+        MLPs see the same counts (one acting mid-layer returns None)."""
         ...
 
 
@@ -162,7 +165,8 @@ class Prefill:
     logits: torch.Tensor  # (1, n, vocab) for the last n entries (all, unless logits_to_keep)
     state: DecoderState | None  # None without a cache
     kept: torch.Tensor  # (n_last,) prompt indices of the entries the last layer processed
-    layer_video_tokens: list[int]  # video tokens processed at each layer
+    layer_video_tokens: list[int]  # video tokens each layer's attention processed (= its KV cache)
+    layer_mlp_video_tokens: list[int]  # video tokens each layer's MLP processed (after a mid-layer act)
 
 
 def _check(llm: LLM) -> None:
@@ -255,10 +259,11 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
     seq = _Sequence(embeds, positions, torch.arange(total, device=device), llm.rotary(embeds, positions))
     inputs: dict = {}  # layer -> (module, input, rotary) for attention rows a policy asks for
     mask, stale = None, True  # one mask per run of layers that see the same sequence
-    layer_origin, counts = [], []
+    layer_origin, attention_counts, mlp_counts = [], [], []
+    video_count = end - start  # video tokens in the sequence, recounted after each act
 
     def act(layer: int, at_mid: bool) -> None:
-        nonlocal stale
+        nonlocal stale, video_count
         video_entries = is_video[seq.origin].nonzero().flatten()
         groups = None if video_groups is None else video_groups[seq.origin[video_entries] - start]
         view = PrefillView(layer, seq.hidden, seq.positions, seq.origin, video_entries, start,
@@ -269,6 +274,7 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
             if keep is not None:
                 seq.apply(keep, is_video, llm)
                 stale = True
+                video_count = int(is_video[seq.origin].sum())
 
     for i in range(depth):
         inputs = {k: v for k, v in inputs.items() if k == i - 1}  # only the layer before is kept
@@ -279,13 +285,14 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
             mask, stale = _mask(llm, seq.hidden, cache, i), False
         inputs[i] = (llm.layers[i], seq.hidden, seq.rotary)
         layer_origin.append(seq.origin)
+        attention_counts.append(video_count)
         if i in mid:
             seq.hidden = _attend(llm, i, seq.hidden, mask, seq.rotary, cache)
             act(i, at_mid=True)
             seq.hidden = _feed_forward(llm, i, seq.hidden)
         else:
             seq.hidden = _run(llm, i, seq.hidden, mask, seq.rotary, cache)
-        counts.append(int(is_video[seq.origin].sum()))
+        mlp_counts.append(video_count)
     hidden = seq.hidden[:, -logits_to_keep:] if logits_to_keep else seq.hidden
     logits = llm.head(llm.norm(hidden))
     state = None
@@ -293,7 +300,7 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
         # after the largest position id of the prompt (3-D rotary ids: the same for all axes)
         nxt = (positions.amax() + 1).expand(*positions.shape[:-1], 1).clone()
         state = DecoderState(cache, layer_origin, is_video, nxt)
-    return Prefill(logits, state, seq.origin, counts)
+    return Prefill(logits, state, seq.origin, attention_counts, mlp_counts)
 
 
 # ---- decode ----------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Used by the harness for every sample's retention numbers and by calibration (FLO
 and by methods that prune to a FLOPs budget themselves (FrameFusion). The convention is the
 token-pruning literature's: a decoder layer on n tokens costs 4·n·d² + 2·n²·d + 2·n·d·m
 (hidden size d, FFN size m); the vision encoder and the compressor are counted separately.
+
+A layer is charged in two halves: its attention (4·n·d² + 2·n²·d) at the tokens its attention sees
+and its MLP (2·n'·d·m) at the tokens its MLP sees. They differ only in a layer where a method acts
+between the two (FrameFusion); everywhere else n' = n and the halves add up to the layer's cost.
 """
 
 from __future__ import annotations
@@ -25,14 +29,32 @@ class LLMShape:
         return cls(text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers)
 
 
+def attention_flops(n: float, d: int) -> float:
+    """Prefill FLOPs of one decoder layer's attention half on n tokens (projections and scores)."""
+    return 4 * n * d * d + 2 * n * n * d
+
+
+def mlp_flops(n: float, d: int, m: int) -> float:
+    """Prefill FLOPs of one decoder layer's MLP half on n tokens."""
+    return 2 * n * d * m
+
+
 def layer_flops(n: float, d: int, m: int) -> float:
-    """Prefill FLOPs of one decoder layer on n tokens."""
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    """Prefill FLOPs of one decoder layer on n tokens (both halves)."""
+    return attention_flops(n, d) + mlp_flops(n, d, m)
 
 
-def prefill_flops(text: float, layer_video: list[float], shape: LLMShape) -> float:
-    """Prefill FLOPs when layer i processes `text` text tokens and layer_video[i] video tokens."""
-    return sum(layer_flops(text + v, shape.hidden, shape.ffn) for v in layer_video)
+def prefill_flops(text: float, layer_video: list[float], shape: LLMShape,
+                  mlp_video: list[float] | None = None) -> float:
+    """Prefill FLOPs when layer i's attention processes `text` text tokens and layer_video[i] video
+    tokens, and its MLP `text` and mlp_video[i] (default: layer_video[i])."""
+    if mlp_video is None:
+        mlp_video = layer_video
+    if len(mlp_video) != len(layer_video):
+        raise ValueError(f"{len(layer_video)} attention and {len(mlp_video)} MLP per-layer token counts: "
+                         "expected one of each per layer")
+    d, m = shape.hidden, shape.ffn
+    return sum(attention_flops(text + a, d) + mlp_flops(text + b, d, m) for a, b in zip(layer_video, mlp_video))
 
 
 def first_pruned(layer_video: list[int]) -> int:
@@ -40,15 +62,19 @@ def first_pruned(layer_video: list[int]) -> int:
     return next((v for v in layer_video if v != layer_video[0]), layer_video[0])
 
 
-def retention_numbers(full_video: int, text: int, layer_video: list[int], shape: LLMShape) -> dict:
+def retention_numbers(full_video: int, text: int, layer_video: list[int], shape: LLMShape,
+                      mlp_video: list[int] | None = None) -> dict:
     """rho_tok, rho_avg and rho_flops of one prefill.
 
     full_video: F*N video tokens the uncompressed model would see; text: the other prompt tokens;
-    layer_video: video tokens processed at each decoder layer.
+    layer_video: video tokens each decoder layer's attention processes (what its KV cache holds);
+    mlp_video: video tokens each layer's MLP processes (default: the same; fewer in a layer where a
+    method acts between attention and MLP). rho_tok (first pruned layer) and rho_avg (mean over
+    layers) are read from the attention counts; rho_flops charges each half at its own count.
     """
     if len(layer_video) != shape.layers:
         raise ValueError(f"{len(layer_video)} per-layer token counts for a {shape.layers}-layer LLM")
-    pruned = prefill_flops(text, layer_video, shape)
+    pruned = prefill_flops(text, layer_video, shape, mlp_video)
     return {
         "rho_tok": first_pruned(layer_video) / full_video,
         # what enters the LLM (the visual stage's output): differs from rho_tok when the LLM prunes
@@ -59,13 +85,21 @@ def retention_numbers(full_video: int, text: int, layer_video: list[int], shape:
     }
 
 
-def tokens_within(budget: float, layers: int, text: float, shape: LLMShape) -> float:
-    """The (real) number of video tokens v for which `layers` layers on text + v tokens cost `budget`.
+def tokens_within(budget: float, layers: int, text: float, shape: LLMShape, mlp_only: int = 0) -> float:
+    """The (real) number of video tokens v for which `layers` whole layers and `mlp_only` further MLP
+    halves, all on text + v tokens, cost `budget`.
 
-    Solves layers·f(text + v) = budget for v (f is quadratic in the token count); negative when even
-    the text alone costs more.
+    Solves layers·f(text + v) + mlp_only·g(text + v) = budget for v (f, the layer's cost, is
+    quadratic in the token count; g, the MLP's, linear); negative when even the text alone costs
+    more.
     """
-    a, b = 4 * shape.hidden ** 2 + 2 * shape.hidden * shape.ffn, 2 * shape.hidden
+    if layers < 0 or mlp_only < 0 or layers + mlp_only == 0:
+        raise ValueError(f"tokens_within: {layers} layers and {mlp_only} MLP halves; expected at least one")
+    d, m = shape.hidden, shape.ffn
+    if layers == 0:
+        return budget / (mlp_only * 2 * d * m) - text
+    # per whole layer: a·n + b·n² = budget / layers, the MLP halves spread over the layers
+    a, b = 4 * d * d + 2 * d * m + mlp_only * 2 * d * m / layers, 2 * d
     per_layer = budget / layers
     n = (-a + math.sqrt(a * a + 4 * b * per_layer)) / (2 * b)
     return n - text

@@ -31,11 +31,15 @@ As the official code (the spec is silent or loose on these):
 Deviations (and why):
 - `cost` is the spec's target prefill FLOPs ratio (methods/flops.py), not the official linear
   video-token budget with num_layers = 28 hard-coded: at each site the removal share is the one that
-  leaves, in every later layer, the video tokens `tokens_within` the FLOPs left (the official formula
-  with FLOPs in place of token counts and the model's real depth). Layers are charged as the
-  harness measures them: a layer in which a site acts counts the video tokens its MLP processes
-  (the driver's per-layer count), so the harness's rho_flops is `cost` to within one token (a site
-  before layer 0 is free in that count; the official charges the attention's input);
+  leaves, in every later half layer, the video tokens `tokens_within` the FLOPs left (the official
+  formula with FLOPs in place of token counts and the model's real depth). Each half layer is
+  charged as the harness measures it: a layer's attention at the video tokens it sees, its MLP at
+  those it sees. So at the site before layer 0 nothing is paid yet; at the site in layer i, layer
+  i's attention has been paid at the tokens present before the site, its MLP is paid at those left
+  after it, and the remaining budget is solved over that MLP and the whole layers after it. The
+  harness's rho_flops is then `cost` to within one token. (The official counts each whole layer at
+  its attention's input: with a cost linear in the tokens and the MLP half free, this rule is the
+  official one);
 - `cost` below what the prompt allows (the text alone, or the layers already merged, cost more)
   raises a ValueError naming the reachable floor (official: "The cost is too small");
 - similarity and means in float32 (official: model dtype, `index_add_` noted as unstable); ties go
@@ -60,7 +64,7 @@ import torch
 from methods import register
 from methods.base import Compressor, RetentionKnob, check_range
 from methods.decoder import Keep, PrefillView
-from methods.flops import LLMShape, layer_flops, prefill_flops, tokens_within
+from methods.flops import LLMShape, attention_flops, layer_flops, mlp_flops, prefill_flops, tokens_within
 from methods.select import top_k_ascending
 
 __all__ = ["FrameFusion", "FrameFusionPolicy", "MergeStep", "merge_step", "removal_share"]
@@ -70,27 +74,38 @@ FIRST = -2.0  # similarity of a grid position's first token: never merges (offic
 EXACT = 1e-6  # tokens_within this close to the present count: nothing to remove (cost = 1)
 
 
-def removal_share(cost: float, text: int, video: int, spent: list[int], current: int,
+def removal_share(cost: float, text: int, video: int, spent: list[int], spent_mlp: list[int], current: int,
                   shape: LLMShape) -> float:
-    """Share of the `current` video tokens to remove now so that, with the same count in every layer
-    not yet in `spent` (per-layer video counts of the layers already paid for), the prefill costs
-    `cost` x the unpruned prefill of text + video tokens. 0 when the budget allows them all.
+    """Share of the `current` video tokens to remove now so that, with the same count in every half
+    layer not yet paid for, the prefill costs `cost` x the unpruned prefill of text + video tokens.
+    0 when the budget allows them all.
+
+    Paid for are the attention halves of the layers in `spent` (the video tokens each one's
+    attention saw) and the MLP halves of those in `spent_mlp` (what each one's MLP saw): both empty
+    before layer 0, and at a site between layer i's attention and MLP, i + 1 and i entries (layer i's
+    attention ran on the tokens present before the site; its MLP runs on those left after it). The
+    remaining halves are priced as the harness measures them (methods/flops.py).
 
     The official `_compute_pruning_ratio`, in FLOPs: raises ValueError when even no video token in
-    the remaining layers would fit the budget.
+    the remaining halves would fit the budget.
     """
-    budget = cost * prefill_flops(text, [video] * shape.layers, shape)
-    rest = shape.layers - len(spent)
-    left = budget - prefill_flops(text, spent, shape)
-    if left < rest * layer_flops(text, shape.hidden, shape.ffn):
-        floor = (prefill_flops(text, spent, shape) + rest * layer_flops(text, shape.hidden, shape.ffn)) / (
-            budget / cost)
+    d, m = shape.hidden, shape.ffn
+    if not len(spent_mlp) <= len(spent) <= shape.layers:
+        raise ValueError(f"removal_share: {len(spent)} attention and {len(spent_mlp)} MLP halves paid for "
+                         f"in a {shape.layers}-layer LLM; expected no more MLP halves than attention halves")
+    unpruned = prefill_flops(text, [video] * shape.layers, shape)
+    budget = cost * unpruned
+    paid = sum(attention_flops(text + a, d) for a in spent) + sum(mlp_flops(text + b, d, m) for b in spent_mlp)
+    rest, halves = shape.layers - len(spent), len(spent) - len(spent_mlp)  # whole layers, MLP-only halves
+    text_only = rest * layer_flops(text, d, m) + halves * mlp_flops(text, d, m)
+    if budget - paid < text_only:
+        floor = (paid + text_only) / unpruned
         raise ValueError(
             f"framefusion.cost={cost}: unreachable on this prompt ({text} text and {video} video "
-            f"tokens): the {len(spent)} layer(s) merged so far and the text alone in the other {rest} "
-            f"cost {100 * floor:.2f}% of the unpruned prefill FLOPs; expected cost >= that "
-            "(official: 'The cost is too small')")
-    allowed = tokens_within(left, rest, text, shape)
+            f"tokens): what ran so far ({len(spent)} attention and {len(spent_mlp)} MLP halves) and the "
+            f"text alone in the other halves cost {100 * floor:.2f}% of the unpruned prefill FLOPs; "
+            "expected cost >= that (official: 'The cost is too small')")
+    allowed = tokens_within(budget - paid, rest, text, shape, mlp_only=halves)
     if allowed >= current - EXACT:
         return 0.0
     return 1.0 - allowed / current
@@ -170,7 +185,8 @@ class FrameFusionPolicy:
     pruning: bool = field(default=True, init=False)
     text: int = field(default=0, init=False)  # non-video tokens of the prompt
     video: int = field(default=0, init=False)  # video tokens entering the LLM
-    spent: list[int] = field(default_factory=list, init=False)  # video tokens charged per layer so far
+    spent: list[int] = field(default_factory=list, init=False)  # video tokens each layer's attention saw
+    spent_mlp: list[int] = field(default_factory=list, init=False)  # ... and its MLP (after the layer's site)
     ratios: list[float] = field(default_factory=list, init=False)  # share merged at each merging site
 
     @property
@@ -184,17 +200,22 @@ class FrameFusionPolicy:
     def planned(self, video_tokens: int, groups=None) -> None:
         return None  # how many tokens merge depends on the data
 
+    def removal_share(self, present: int) -> float:
+        return removal_share(self.cost, self.text, self.video, self.spent, self.spent_mlp, present, self.shape)
+
     def act(self, view: PrefillView) -> Keep | None:
         if not (self.merging or self.pruning):
             return None
         present = len(view.video)
         if not view.mid and view.layer == 0:
             self.text, self.video = view.hidden.shape[1] - present, present
+        if view.mid:  # this layer's attention has run on the tokens present now
+            self.spent.append(present)
         keep = None
         if present == 0:
             self.merging = self.pruning = False
         elif self.merging:
-            limit = removal_share(self.cost, self.text, self.video, self.spent, present, self.shape)
+            limit = self.removal_share(present)
             positions = view.positions.reshape(-1, view.positions.shape[-1])[0, view.video]
             slots = (positions - view.video_start) % self.frame_tokens
             step = merge_step(view.hidden[0, view.video], slots, self.sim_floor, limit, self.merge_floor)
@@ -203,13 +224,13 @@ class FrameFusionPolicy:
             keep = Keep(step.keep, step.hidden) if step.merged else None
             present -= step.merged
         else:  # the site after merging stopped: prune with this layer's attention
-            limit = removal_share(self.cost, self.text, self.video, self.spent, present, self.shape)
+            limit = self.removal_share(present)
             scores = view.attention()[0, view.video]
             present = round(present * (1 - limit))
             keep = Keep(top_k_ascending(scores, present))
             self.pruning = False
-        if view.mid:  # this layer is now paid for: its MLP (the driver's count) sees `present`
-            self.spent.append(present)
+        if view.mid:  # and its MLP runs on those left
+            self.spent_mlp.append(present)
         return keep
 
 

@@ -3,8 +3,9 @@ official thu-nics/FrameFusion `framefusion/main.py`; lead's decisions in /work/n
 
 For tests only; it never imports methods/framefusion.py. Python loops, float64:
 - `reference_merge_step`: one merging site over a list of video tokens;
-- `reference_removal_share`: the FLOPs budget, with the layer cost written out and the token count
-  found by bisection (the implementation solves the quadratic);
+- `reference_removal_share`: the FLOPs budget, with the cost of a layer's attention and MLP halves
+  written out (each charged at the video tokens it sees) and the token count found by bisection (the
+  implementation solves the quadratic);
 - `reference_prefill`: the whole prefill on the *stock* eager Qwen2 model, every token kept in the
   sequence at its original position: merged-away and pruned tokens are hidden from every later
   attention by the mask, a run's head gets its merged state by a hook (before layer 0: on the
@@ -82,24 +83,36 @@ def reference_merge_step(hidden: torch.Tensor, slots: list[int], sim_floor: floa
     return RefStep(keep, states, len(members), ratio, stop, prune, margin, heads)
 
 
-def layer_cost(n: float, d: int, m: int) -> float:
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+def attention_cost(n: float, d: int) -> float:
+    return 4 * n * d * d + 2 * n * n * d
 
 
-def reference_removal_share(cost: float, text: int, video: int, spent: list[int], current: int,
-                            d: int, m: int, layers: int) -> float:
-    """The share of the current video tokens to remove; ValueError('... unreachable ...')."""
-    budget = cost * layers * layer_cost(text + video, d, m)
-    left = budget - sum(layer_cost(text + s, d, m) for s in spent)
-    rest = layers - len(spent)
-    if left < rest * layer_cost(text, d, m):
+def mlp_cost(n: float, d: int, m: int) -> float:
+    return 2 * n * d * m
+
+
+def reference_removal_share(cost: float, text: int, video: int, attention: list[int], mlp: list[int],
+                            current: int, d: int, m: int, layers: int) -> float:
+    """The share of the current video tokens to remove when the attention of the layers in
+    `attention` and the MLP of those in `mlp` ran on those video tokens; ValueError('... unreachable
+    ...')."""
+    budget = cost * layers * (attention_cost(text + video, d) + mlp_cost(text + video, d, m))
+    paid = sum(attention_cost(text + a, d) for a in attention) + sum(mlp_cost(text + b, d, m) for b in mlp)
+    left = budget - paid
+
+    def rest(v):  # every half not paid for, on v video tokens
+        halves = [attention_cost(text + v, d)] * (layers - len(attention))
+        halves += [mlp_cost(text + v, d, m)] * (layers - len(mlp))
+        return sum(halves)
+
+    if left < rest(0):
         raise ValueError("framefusion.cost: unreachable")
-    if rest * layer_cost(text + current, d, m) <= left * (1 + 1e-12):
+    if rest(current) <= left * (1 + 1e-12):
         return 0.0
     lo, hi = 0.0, float(current)
     for _ in range(200):
         mid = (lo + hi) / 2
-        if rest * layer_cost(text + mid, d, m) <= left:
+        if rest(mid) <= left:
             lo = mid
         else:
             hi = mid
@@ -112,8 +125,8 @@ def reference_removal_share(cost: float, text: int, video: int, spent: list[int]
 class RefRun:
     logits: torch.Tensor  # (1, n, vocab) of the stock forward over every token
     alive: list[int]  # prompt indices the last layer keeps (text + surviving video)
-    counts: list[int]  # video tokens each layer's MLP processes (the driver's per-layer count)
-    attention_inputs: list[int]  # video tokens each layer's attention sees (its KV cache)
+    attention: list[int]  # video tokens each layer's attention sees (its KV cache)
+    mlp: list[int]  # video tokens each layer's MLP processes (after the layer's site)
     ratios: list[float]
     margin: float  # smallest distance of any similarity to sim_floor (flip risk)
 
@@ -131,11 +144,12 @@ def reference_prefill(lm, head, embeds: torch.Tensor, span: tuple[int, int], tex
     video0 = end - start
     alive = list(range(start, end))  # surviving video tokens, sequence order
     hidden_from = set()  # removed video tokens: no later attention sees them
-    state = {"merging": True, "pruning": True, "spent": [], "ratios": [], "margin": math.inf,
+    # per layer run so far: video tokens its attention saw ("inputs") and its MLP ("mlp")
+    state = {"merging": True, "pruning": True, "mlp": [], "ratios": [], "margin": math.inf,
              "inputs": [], "residual": None}
 
     def share(present):
-        return reference_removal_share(cost, text, video0, state["spent"], present, d, m, depth)
+        return reference_removal_share(cost, text, video0, state["inputs"], state["mlp"], present, d, m, depth)
 
     def merge(h: torch.Tensor) -> dict:
         """Literal merge on h[0, alive]; returns {sequence index: new state} for the heads."""
@@ -191,7 +205,7 @@ def reference_prefill(lm, head, embeds: torch.Tensor, span: tuple[int, int], tex
             hidden_from.update(alive[j] for j in range(present) if j not in set(ranked))
             alive[:] = [alive[j] for j in sorted(ranked)]
             state["pruning"] = False
-        state["spent"].append(len(alive))  # this layer's MLP count: paid for from here on
+        state["mlp"].append(len(alive))  # what this layer's MLP runs on
         return (out,) + tuple(output[1:])
 
     handles = []
@@ -207,4 +221,4 @@ def reference_prefill(lm, head, embeds: torch.Tensor, span: tuple[int, int], tex
         for h in handles:
             h.remove()
     kept = [i for i in range(n) if i not in hidden_from]
-    return RefRun(logits, kept, state["spent"], state["inputs"], state["ratios"], state["margin"])
+    return RefRun(logits, kept, state["inputs"], state["mlp"], state["ratios"], state["margin"])

@@ -216,6 +216,7 @@ def test_prefill_merge_continues_on_the_merged_states_at_original_positions(adap
     expected = stock_logits(adapter, h, kept[None], causal(len(kept)), slice(layer, None))
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
     assert out.layer_video_tokens == [end - start] * layer + [(end - start) // 2] * (8 - layer)
+    assert out.layer_mlp_video_tokens == out.layer_video_tokens  # an act before a layer: both see it
     assert out.kept.tolist() == kept.tolist()
     # the cache of each layer holds what that layer saw
     assert [l.keys.shape[-2] for l in out.state.cache.layers] == (
@@ -256,6 +257,12 @@ def test_mid_layer_drop_runs_the_mlp_on_the_kept_tokens(adapter, pixels, layer, 
     # the layer's cache holds every token (its attention saw them), later layers only the kept
     assert [l.keys.shape[-2] for l in out.state.cache.layers] == (
         [prompt.embeds.shape[1]] * (layer + 1) + [len(kept)] * (7 - layer))
+    # the counts: the layer's attention saw every video token, its MLP the kept half
+    video, half = end - start, len(range(0, end - start, 2))
+    assert out.layer_video_tokens == [video] * (layer + 1) + [half] * (7 - layer)
+    assert out.layer_mlp_video_tokens == [video] * layer + [half] * (8 - layer)
+    text = prompt.embeds.shape[1] - video
+    assert [l.keys.shape[-2] for l in out.state.cache.layers] == [text + v for v in out.layer_video_tokens]
     eager = LlavaOneVision(str(tiny_model_dir), attn_implementation="eager")
     with torch.no_grad():
         weights = eager.model(inputs_embeds=prompt.embeds, output_attentions=True).attentions[layer]

@@ -166,26 +166,33 @@ def test_merge_step_keeps_bfloat16_and_decides_in_float32():
 
 
 # ---- the FLOPs budget -------------------------------------------------------------------------------
-@pytest.mark.parametrize("cost, text, video, spent, current, shape", [
-    (0.3, 100, 32 * 196, [], 32 * 196, LLMShape(3584, 18944, 28)),
-    (0.3, 100, 32 * 196, [5000, 4000], 3900, LLMShape(3584, 18944, 28)),
-    (0.5, 87, 16 * 196, [3000], 2500, LLMShape(896, 4864, 24)),
-    (0.3, 60, 1568, [1159, 884], 871, TINY),
-    (0.9, 60, 1568, [], 1568, TINY),
-    (1.0, 60, 1568, [], 1568, TINY),
-    (0.6, 60, 1568, [1568] * 4, 1568, TINY),
+@pytest.mark.parametrize("cost, text, video, spent, spent_mlp, current, shape", [
+    # spent / spent_mlp: video tokens each layer's attention / MLP ran on so far
+    (0.3, 100, 32 * 196, [], [], 32 * 196, LLMShape(3584, 18944, 28)),  # before layer 0
+    (0.3, 100, 32 * 196, [32 * 196], [], 32 * 196, LLMShape(3584, 18944, 28)),  # in layer 0
+    (0.3, 100, 32 * 196, [6272, 5000, 4000], [5000, 4000], 4000, LLMShape(3584, 18944, 28)),  # in layer 2
+    (0.5, 87, 16 * 196, [3136, 3000], [3000], 3000, LLMShape(896, 4864, 24)),
+    (0.3, 60, 1568, [1568, 1159, 884], [1159, 884], 884, TINY),
+    (0.3, 60, 1568, [1159, 884], [1159, 884], 871, TINY),  # before layer 2 (the rule is general)
+    (0.9, 60, 1568, [], [], 1568, TINY),
+    (1.0, 60, 1568, [], [], 1568, TINY),
+    (1.0, 60, 1568, [1568], [], 1568, TINY),
+    (0.6, 60, 1568, [1568] * 4, [1568] * 3, 1568, TINY),
+    (0.995, 60, 1568, [1568] * 8, [1568] * 7, 1568, TINY),  # in the last layer: its MLP alone is left
 ])
-def test_removal_share_equals_the_literal_budget(cost, text, video, spent, current, shape):
-    got = removal_share(cost, text, video, spent, current, shape)
-    ref = reference_removal_share(cost, text, video, spent, current, shape.hidden, shape.ffn, shape.layers)
+def test_removal_share_equals_the_literal_budget(cost, text, video, spent, spent_mlp, current, shape):
+    got = removal_share(cost, text, video, spent, spent_mlp, current, shape)
+    ref = reference_removal_share(cost, text, video, spent, spent_mlp, current, shape.hidden, shape.ffn,
+                                  shape.layers)
     assert got == pytest.approx(ref, abs=1e-9)
     if cost == 1.0:
         assert got == 0.0  # the whole budget: nothing to remove, exactly
 
 
 def test_removal_share_is_the_officials_formula_for_a_linear_cost():
-    """With the n^2 term off and no text, FLOPs are linear in the tokens: the official
-    `_compute_pruning_ratio` (with the real depth instead of 28) is what remains."""
+    """With the n^2 term off, no text and the MLP half free, FLOPs are linear in the tokens each
+    layer's attention sees, the official's token budget: its `_compute_pruning_ratio` (with the
+    real depth instead of 28) is what remains. Sites: before layer 0, then in layers 0, 1, ..."""
     shape = LLMShape(64, 128, 28)
 
     def official(ratios, cost, layers=28):
@@ -198,25 +205,29 @@ def test_removal_share_is_the_officials_formula_for_a_linear_cost():
 
     from unittest import mock
 
-    with mock.patch("methods.framefusion.prefill_flops", lambda t, v, sh: sum(x for x in v)), \
+    with mock.patch("methods.framefusion.prefill_flops", lambda t, v, sh, mlp=None: sum(x for x in v)), \
+            mock.patch("methods.framefusion.attention_flops", lambda n, d: n), \
+            mock.patch("methods.framefusion.mlp_flops", lambda n, d, m: 0), \
             mock.patch("methods.framefusion.layer_flops", lambda n, d, m: n), \
-            mock.patch("methods.framefusion.tokens_within", lambda b, layers, t, sh: b / layers - t):
+            mock.patch("methods.framefusion.tokens_within", lambda b, layers, t, sh, mlp_only=0: b / layers - t):
         video = 10000
         for ratios in ([], [0.4], [0.4, 0.05], [0.2, 0.3, 0.1]):
-            counts, current = [], video
+            counts, current = [], video  # counts[j]: after site j, what layer j's attention sees
             for r in ratios:
                 current = current * (1 - r)
                 counts.append(current)
-            got = removal_share(0.3, 0, video, counts, current, shape)
+            # the next site is in layer len(ratios) - 1: its attention and the earlier MLPs ran
+            got = removal_share(0.3, 0, video, counts, counts[1:], current, shape)
             assert got == pytest.approx(official(ratios, 0.3), abs=1e-12)
 
 
 def test_an_unreachable_cost_names_the_floor():
     with pytest.raises(ValueError, match=r"framefusion.cost=0.001: unreachable on this prompt \(60 text and "
                                          r"1568 video tokens\).*cost 0\.\d\d% of the unpruned"):
-        removal_share(0.001, 60, 1568, [], 1568, TINY)
-    with pytest.raises(ValueError, match=r"the 2 layer\(s\) merged so far .* other 6 cost 22\.\d\d%"):
-        removal_share(0.1, 60, 1568, [1500, 1400], 1400, TINY)
+        removal_share(0.001, 60, 1568, [], [], 1568, TINY)
+    with pytest.raises(ValueError, match=r"what ran so far \(3 attention and 2 MLP halves\) and the text alone "
+                                         r"in the other halves cost 33\.\d\d%"):
+        removal_share(0.1, 60, 1568, [1568, 1500, 1400], [1500, 1400], 1400, TINY)
 
 
 # ---- prefill against the stock model -------------------------------------------------------------
@@ -224,7 +235,8 @@ SYNTHETIC = [  # frames, noise scales, cost, sim_floor, merge_floor: the path it
     (3, [0.0, 0.3, 3.0], 0.3, 0.6, 0.1),  # site 0 merges, site 1 none: prune at site 2
     (4, [0.0, 0.3, 3.0], 0.5, 0.6, 0.1),  # site 0 meets the budget by merging alone
     (4, [0.0, 0.2, 0.4, 3.0], 0.25, 0.85, 0.01),  # four merging sites, then pruning
-    (4, [0.0, 0.3, 3.0], 0.2, 0.9, 0.005),
+    (4, [0.0, 0.3, 3.0], 0.22, 0.9, 0.005),  # four merging sites, pruning to 65 (0.2 is below the
+    # floor: layer 3's attention ran on the 423 tokens before its site)
     (5, [0.05, 0.4, 3.0], 0.3, 0.9, 0.1),
     (1, [0.0, 0.3, 3.0], 0.3, 0.6, 0.1),  # one frame: nothing merges; pruning in layer 0
 ]
@@ -238,13 +250,16 @@ def check_against_reference(adapter, eager, embeds, positions, span, compressor,
     ref = reference_prefill(*stock(eager), embeds, span, text, total - 1, compressor.cost,
                             compressor.sim_floor, compressor.merge_floor)
     assert ref.margin > min_margin  # no merge decided by float32 round-off
-    assert out.layer_video_tokens == ref.counts
+    # per layer, the video tokens its attention and its MLP ran on; the budget charged the same
+    assert out.layer_video_tokens == ref.attention and out.layer_mlp_video_tokens == ref.mlp
+    assert policy.spent == ref.attention[:len(policy.spent)]
+    assert policy.spent_mlp == ref.mlp[:len(policy.spent_mlp)]
     assert out.kept.tolist() == ref.alive  # text (and the newline) is never merged or pruned
     assert set(range(start)) | set(range(end, total)) <= set(ref.alive)
     assert policy.ratios == pytest.approx(ref.ratios, abs=0)
     torch.testing.assert_close(out.logits, ref.logits[:, out.kept], rtol=1e-4, atol=5e-5)
     # every layer caches what its attention saw (the attention input), at original positions
-    assert [layer.keys.shape[-2] for layer in out.state.cache.layers] == [text + v for v in ref.attention_inputs]
+    assert [layer.keys.shape[-2] for layer in out.state.cache.layers] == [text + v for v in ref.attention]
     return out, ref
 
 
@@ -256,16 +271,21 @@ def test_prefill_equals_the_stock_model_with_merges_and_masks(adapter, eager, fr
     out, ref = check_against_reference(adapter, eager, embeds, positions, span, compressor)
     # the FLOPs target is met to within one video token in the layers after the last decision
     text = embeds.shape[1] - (span[1] - span[0])
-    achieved = retention_numbers(span[1] - span[0], text, out.layer_video_tokens, TINY)["rho_flops"]
-    assert abs(achieved - cost) <= one_token(span[1] - span[0], text, out.layer_video_tokens)
+    assert_cost_met(cost, span[1] - span[0], text, out.layer_video_tokens, out.layer_mlp_video_tokens)
 
 
-def one_token(video, text, counts):
-    """rho_flops of one more video token in every layer from the last change of count on."""
-    last = max([i for i in range(1, len(counts)) if counts[i] != counts[i - 1]], default=0)
-    more = counts[:last] + [c + 1 for c in counts[last:]]
-    return (retention_numbers(video, text, more, TINY)["rho_flops"]
-            - retention_numbers(video, text, counts, TINY)["rho_flops"])
+def assert_cost_met(cost, video, text, attention, mlp):
+    """The harness's rho_flops (each layer's attention and MLP at its own count) is `cost` to within
+    one video token more in every half layer from the last change of count on."""
+    halves = [c for pair in zip(attention, mlp) for c in pair]  # attention 0, MLP 0, attention 1, ...
+    last = max([i for i in range(1, len(halves)) if halves[i] != halves[i - 1]], default=0)
+    more = halves[:last] + [c + 1 for c in halves[last:]]
+
+    def rho_flops(h):
+        return retention_numbers(video, text, h[0::2], TINY, h[1::2])["rho_flops"]
+
+    achieved = rho_flops(halves)
+    assert abs(achieved - cost) <= rho_flops(more) - achieved
 
 
 def test_prefill_on_a_real_video_equals_the_stock_reference(adapter, eager, clip):
@@ -286,8 +306,7 @@ def test_achieved_flops_ratio_is_the_cost_within_one_token(adapter, clip, cost):
     prompt = adapter.prepare(clip(8), compressor, ids)
     adapter.prefill(prompt, compressor, use_cache=False)
     run = prompt.run
-    achieved = retention_numbers(8 * 196, run.text_tokens, run.layer_video_tokens, TINY)["rho_flops"]
-    assert abs(achieved - cost) <= one_token(8 * 196, run.text_tokens, run.layer_video_tokens)
+    assert_cost_met(cost, 8 * 196, run.text_tokens, run.layer_video_tokens, run.layer_mlp_video_tokens)
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
@@ -299,15 +318,16 @@ def test_cost_one_reproduces_the_unpruned_logits(adapter, clip, use_cache):
     with torch.no_grad():
         expected = adapter.model(inputs_embeds=prompt.embeds).logits
     torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
-    assert prompt.run.layer_video_tokens == [4 * 196] * LAYERS
+    assert prompt.run.layer_video_tokens == prompt.run.layer_mlp_video_tokens == [4 * 196] * LAYERS
 
 
 def test_unreachable_cost_is_an_error_naming_the_floor(adapter):
     # four merging sites leave too many tokens in the first layers for 20 % of the FLOPs
     embeds, positions, span = synthetic_prompt(adapter, 4, [0.0, 0.2, 0.4, 3.0])
     compressor = FrameFusion(cost=0.2, sim_floor=0.9, merge_floor=0.005)
-    with pytest.raises(ValueError, match=r"framefusion.cost=0.2: unreachable on this prompt .* layer\(s\) "
-                                         r"merged so far and the text alone .* cost 2\d\.\d\d%"):
+    with pytest.raises(ValueError, match=r"framefusion.cost=0.2: unreachable on this prompt .* what ran so "
+                                         r"far \(\d attention and \d MLP halves\) and the text alone .* "
+                                         r"cost 2\d\.\d\d%"):
         run_policy(adapter, embeds, positions, span, compressor)
 
 
@@ -333,7 +353,7 @@ def test_cached_decoding_matches_the_uncached_stock_reference(adapter, eager):
         torch.testing.assert_close(logits, ref.logits[0, -1], rtol=1e-4, atol=5e-5)
     assert len(tokens) == 5
     assert [layer.keys.shape[-2] for layer in state.cache.layers] == [
-        text + v + 5 for v in ref.attention_inputs]
+        text + v + 5 for v in ref.attention]
 
 
 def test_end_to_end_generation_through_the_adapter(cfg_factory, adapter, clip):
@@ -342,6 +362,5 @@ def test_end_to_end_generation_through_the_adapter(cfg_factory, adapter, clip):
     compressor = choose_method(cfg_factory("+method=framefusion", "retention=0.3")).build()
     assert compressor.cost == 0.3
     text, run = adapter.generate(clip(8), QUESTION, compressor, max_new_tokens=4)
-    achieved = retention_numbers(8 * 196, run.text_tokens, run.layer_video_tokens, TINY)["rho_flops"]
-    assert abs(achieved - 0.3) <= one_token(8 * 196, run.text_tokens, run.layer_video_tokens)
+    assert_cost_met(0.3, 8 * 196, run.text_tokens, run.layer_video_tokens, run.layer_mlp_video_tokens)
     assert 0 < run.timings["compressor"] < run.timings["prefill"]
