@@ -24,6 +24,8 @@ class ModelConf:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn_implementation: str = "sdpa"
     max_new_tokens: int = 16
+    random_init: bool = False  # build `arch` with random weights instead of loading `path`
+    arch: Dict[str, Any] = field(default_factory=dict)  # LlavaOnevisionConfig fields (published shapes)
 
 
 @dataclass

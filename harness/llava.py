@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from harness.random_model import random_seed
 from harness.timing import Stopwatch
 from harness.video import preprocess
 from methods import decoder
@@ -64,6 +65,9 @@ def model_fingerprint(directory: Path, dtype: str, device: torch.device) -> str:
     import hashlib
 
     h = hashlib.sha1((directory / "config.json").read_bytes())
+    marker = directory / "RANDOM_WEIGHTS.json"  # random weights: their seed and architecture
+    if marker.is_file():
+        h.update(marker.read_bytes())
     for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -167,10 +171,15 @@ class LlavaOneVision:
         if dtype not in DTYPES:
             raise ModelLoadError(f"model.dtype={dtype}: expected one of {', '.join(DTYPES)}")
         self.device = resolve_device(device)
-        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            path, dtype=DTYPES[dtype], attn_implementation=attn_implementation).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
         directory = Path(path).expanduser()
+        seed = random_seed(directory)
+        if seed is None:
+            self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                path, dtype=DTYPES[dtype], attn_implementation=attn_implementation).to(self.device).eval()
+        else:  # a random-weight architecture: initialised here, in place, in the target dtype
+            self.model = random_weights(directory, seed, DTYPES[dtype], self.device, attn_implementation)
+        self.random_weights = seed is not None
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         if not directory.is_dir():  # a hub id: read the small files from the local cache
             from huggingface_hub import snapshot_download
 
@@ -394,6 +403,25 @@ class LlavaOneVision:
         greedy = bool((rows.argmax(-1) == targets).all())
         prompt.run.timings.setdefault("decode", 0.0)
         return logprob, greedy, prompt.run
+
+
+def random_weights(directory: Path, seed: int, dtype: torch.dtype, device: torch.device,
+                   attn_implementation: str):
+    """The model of `directory`'s config with seeded random weights (the model's own initialiser),
+    built directly on `device` in `dtype`: no full-size float32 copy and nothing read from disk."""
+    from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(directory)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaOnevisionForConditionalGeneration._from_config(
+                config, dtype=dtype, attn_implementation=attn_implementation)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
 def received_attention(attention, hidden: torch.Tensor):

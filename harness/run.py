@@ -138,7 +138,8 @@ def choose_method(cfg: DictConfig) -> MethodChoice:
 def run_id(cfg: DictConfig, choice: MethodChoice) -> str:
     """Readable and unique per setting, so the same config always lands in (and resumes) one dir."""
     identity = {
-        "model": {k: cfg.model[k] for k in ("path", "frames", "dtype")},
+        "model": {k: cfg.model[k] for k in ("path", "frames", "dtype")}
+        | ({"random_init": OmegaConf.to_container(cfg.model.arch, resolve=True)} if cfg.model.random_init else {}),
         "task": {"lmms_task": cfg.task.lmms_task, "limit": cfg.task.limit,
                  "overrides": OmegaConf.to_container(cfg.task.overrides, resolve=True)},
         "method": choice.name, "knobs": choice.knobs, "target": choice.target_retention,
@@ -192,9 +193,17 @@ def check_task_requirements(cfg: DictConfig) -> None:
 
 
 def prepare_model(cfg: DictConfig) -> str:
-    """The directory of the model the config names, built first when it is an embedded model."""
+    """The directory of the model the config names, built first when it is an embedded model or a
+    random-weight architecture (model.random_init)."""
+    from harness.random_model import random_model_dir
     from harness.tiny_model import build_tiny_model
 
+    if cfg.model.random_init:
+        arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+        try:
+            return str(random_model_dir(Path(cfg.cache_dir) / "models", cfg.model.name, arch, cfg.seed))
+        except (TypeError, ValueError) as err:  # a shape the config classes reject
+            raise ConfigError(f"model.arch of {cfg.model.name}: {err}") from err
     if cfg.model.build_tiny:
         build_tiny_model(cfg.model.path, seed=cfg.seed)
     return cfg.model.path
@@ -295,16 +304,18 @@ def run(cfg: DictConfig) -> Path:
         if cfg.task.generator:
             with step(f"preparing the data of task {cfg.task.name}"):
                 prepare_task_data(cfg)
-        if cfg.model.build_tiny:
-            with step(f"building model {cfg.model.name}"):
-                prepare_model(cfg)
-    check_method_fits(choice.build(), read_model_config(cfg.model.path))
+        if cfg.model.build_tiny or cfg.model.random_init:
+            with step(f"building model {cfg.model.name}" + (" (random weights)" if cfg.model.random_init else "")):
+                model_path = prepare_model(cfg)
+        else:
+            model_path = prepare_model(cfg)
+    check_method_fits(choice.build(), read_model_config(model_path))
     with step(f"loading lmms_eval task {cfg.task.lmms_task}"):
         tasks = load_tasks(cfg)
     data_files = task_files(tasks, cfg.task.limit,
                             OmegaConf.to_container(cfg.task.overrides, resolve=True).get("dataset_kwargs"))
     with step(f"loading model {cfg.model.name} ({cfg.model.dtype}, {cfg.model.device})"):
-        adapter = LlavaOneVision(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
+        adapter = LlavaOneVision(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
                                  attn_implementation=cfg.model.attn_implementation)
     features = (FeatureCache(Path(cfg.cache_dir) / "features", adapter.fingerprint)
                 if cfg.feature_cache else None)

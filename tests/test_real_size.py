@@ -1,0 +1,90 @@
+"""Every method at real dimensions: one sample through LLaVA-OneVision-0.5B's full architecture and
+through 7B's widths (D = 3584, 28 query / 4 key-value heads, SigLIP-so400m), with random weights.
+
+The shapes are the published ones from conf/model/*.yaml; the 7B check keeps its widths and head
+counts but only 4 decoder layers and 1 encoder layer, so it fits a CI machine. A shape bug at real
+size (a hard-coded width, head count, grouped-query ratio or vocabulary) fails here.
+"""
+
+import pytest
+import torch
+import yaml
+
+import methods
+from harness.llava import LlavaOneVision
+from harness.random_model import random_model_dir
+from harness.video import preprocess, read_frames
+from tests.conftest import CONF
+
+pytestmark = pytest.mark.integration
+
+FRAMES = 2
+QUESTION = "What colour is the moving square?\nA. red\nB. green\nC. blue\nD. white"
+# knobs that make each method do its work on 2 frames (defaults otherwise)
+KNOBS = {"uniform": {"retention": 0.25}, "topk": {"retention": 0.25}, "pllava": {"retention": 0.25},
+         "visionzip": {"retention": 0.25}, "vidcom2": {"retention": 0.25}, "fastvid": {"retention": 0.25},
+         "divprune": {"retention": 0.25}, "holitom": {"retention": 0.25},
+         "framefusion": {"cost": 0.6}}  # 4 layers and a long prompt: a FLOPs floor near 0.5
+STACK = {"stages": ["visionzip", "fastv"], "visionzip": {"retention": 0.5}}
+
+
+def arch_of(name: str, text_layers=None, vision_layers=None) -> dict:
+    arch = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())["arch"]
+    if text_layers:
+        arch["text_config"]["num_hidden_layers"] = text_layers
+    if vision_layers:
+        arch["vision_config"]["num_hidden_layers"] = vision_layers
+    return arch
+
+
+@pytest.fixture(scope="module", params=["0.5b", "7b-width"])
+def real(request, tmp_path_factory, smoke_questions):
+    if request.param == "0.5b":
+        name, arch = "llava_ov_0.5b", arch_of("llava_ov_0.5b")
+    else:
+        name, arch = "llava_ov_7b", arch_of("llava_ov_7b", text_layers=4, vision_layers=1)
+    directory = random_model_dir(tmp_path_factory.mktemp("models"), name, arch, seed=0)
+    adapter = LlavaOneVision(str(directory), dtype="float32", device="cpu")
+    pixels = adapter.preprocessing.apply(read_frames(smoke_questions.parent / "videos" / "clip_004.mp4", FRAMES))
+    encoded = {}
+
+    def video(needs):
+        key = frozenset(needs)
+        if key not in encoded:
+            encoded[key] = adapter.encode_video(pixels, key)
+        return encoded[key]
+
+    yield adapter, arch, video
+    del adapter, encoded
+
+
+@pytest.mark.parametrize("name", [n for n in methods.known() if n != "pipeline"] + ["pipeline"])
+def test_one_sample_per_method_at_real_dimensions(real, name):
+    adapter, arch, video = real
+    text = arch["text_config"]
+    assert adapter.config.text_config.hidden_size == text["hidden_size"]
+    assert adapter.model.model.vision_tower.config.hidden_size == 1152
+    compressor = methods.build(name, **(STACK if name == "pipeline" else KNOBS.get(name, {})))
+    answer, run = adapter.generate(video(compressor.needs), QUESTION, compressor, max_new_tokens=3)
+    assert isinstance(answer, str)
+    assert run.video_tokens_in == FRAMES * 196
+    assert len(run.layer_video_tokens) == text["num_hidden_layers"]
+    assert 0 < run.video_tokens_out <= FRAMES * 196 and max(run.layer_video_tokens) <= FRAMES * 196
+    assert run.timings["ttft"] > 0
+
+
+def test_random_weights_are_seeded_built_in_place_and_labelled(tmp_path):
+    arch = arch_of("llava_ov_0.5b", text_layers=1, vision_layers=1)
+    a = random_model_dir(tmp_path, "x", arch, seed=0)
+    assert random_model_dir(tmp_path, "x", arch, seed=0) == a  # the same recipe: the same directory
+    assert random_model_dir(tmp_path, "x", arch, seed=1) != a
+    assert not list(a.glob("*.safetensors")) and not list(a.glob("*.bin"))  # no weights on disk
+    first = LlavaOneVision(str(a), dtype="bfloat16", device="cpu")
+    second = LlavaOneVision(str(a), dtype="bfloat16", device="cpu")
+    assert first.random_weights and first.model.dtype == torch.bfloat16
+    for p, q in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(p, q)  # seeded
+    assert first.fingerprint == second.fingerprint
+    other = LlavaOneVision(str(random_model_dir(tmp_path, "x", arch, seed=1)), dtype="bfloat16", device="cpu")
+    assert other.fingerprint != first.fingerprint
+    assert not torch.equal(next(other.model.parameters()), next(first.model.parameters()))
