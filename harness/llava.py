@@ -185,6 +185,11 @@ class LlavaOneVision:
 
             directory = Path(snapshot_download(path, allow_patterns=["*.json", "*.jinja"]))
         self.config = self.model.config
+        if self.config.vision_feature_select_strategy != "full":
+            raise ModelLoadError(
+                f"{path}: vision_feature_select_strategy={self.config.vision_feature_select_strategy!r}: "
+                "LLaVA-OneVision's video path pools all 27x27 SigLIP patches (SigLIP has no CLS token), "
+                "so only 'full' can run (its published configs use 'full')")
         vision = self.config.vision_config
         self.patch_grid = vision.image_size // vision.patch_size  # 27 for SigLIP 384/14
         self.grid = (math.ceil(self.patch_grid / 2),) * 2  # OneVision's 2x2 bilinear pooling
@@ -261,10 +266,6 @@ class LlavaOneVision:
         pooled = out.pooler_output[0]  # (F*N + 1, D): the newline comes last
         frames = pixel_values.shape[0]
         features = pooled[:-1].reshape(frames, self.tokens_per_frame, -1)
-        if self.config.vision_feature_select_strategy == "default":
-            for name in ("patch_scores", "patch_keys"):  # the CLS position is dropped from the features
-                if name in captured:
-                    captured[name] = captured[name][:, 1:]
         return VisualInput(features=features, grid=self.grid, **captured), pooled[-1:]
 
     def scoring_layer(self):
