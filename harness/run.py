@@ -102,6 +102,8 @@ def choose_method(cfg: DictConfig) -> MethodChoice:
                               "+method=pipeline 'method.stages=[visionzip,fastv]'")
         for part in stages:
             spec[part] = {**method_defaults(part), **(spec.get(part) or {})}
+    if cfg.retention is not None and not 0 < cfg.retention <= 1:
+        raise ConfigError(f"{name}.retention={cfg.retention:g}: expected a value in (0, 1]")
     if cfg.tau is not None and "tau" not in spec:
         raise ConfigError(f"tau={cfg.tau}: method {name} has no knob tau (tau is Scissor's threshold)")
     try:
@@ -115,8 +117,6 @@ def choose_method(cfg: DictConfig) -> MethodChoice:
         elif cfg.retention is not None:
             if mapping is None:
                 raise ConfigError(f"retention={cfg.retention}: method {name} has no retention to set")
-            if not 0 < cfg.retention <= 1:
-                raise ConfigError(f"retention={cfg.retention}: expected a value in (0, 1]")
             if mapping.direct:
                 spec[mapping.knob] = float(cfg.retention)
                 compressor = methods.build(name, **spec)

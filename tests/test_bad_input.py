@@ -22,8 +22,12 @@ from tests.test_end_to_end import harness, only_run_dir
     ("task.limit=0", "task.limit=0: expected an integer >= 1 or null"),
     ("task.calibration_size=0", "task.calibration_size=0: expected an integer >= 1"),
     ("seed=-1", "seed=-1: expected an integer >= 0"),
-    ("retention=1.5", "retention=1.5: expected a value in (0, 1]"),
-    ("tau=2", "tau=2.0: expected a cosine threshold in [-1, 1]"),
+    # the top-level shortcuts are the method's knobs, checked under its name
+    ("retention=1.5", "none.retention=1.5: expected a value in (0, 1]"),
+    ("+method=scissor retention=0", "scissor.retention=0: expected a value in (0, 1]"),
+    ("+method=scissor tau=2", "scissor.tau=2.0: expected a value in [-1.0, 1.0]"),
+    ("+method=uniform retention=1.5", "uniform.retention=1.5: expected a value in (0, 1]"),
+    ("tau=0.9", "tau=0.9: method none has no knob tau"),
 ])
 def test_every_ranged_field_is_checked_before_anything_loads(cfg_factory, override, message, monkeypatch):
     import harness.run as run_module
@@ -34,7 +38,7 @@ def test_every_ranged_field_is_checked_before_anything_loads(cfg_factory, overri
     monkeypatch.setattr(run_module, "load_tasks", no_loading)
     monkeypatch.setattr(run_module, "prepare_task_data", no_loading)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        run(cfg_factory(override))
+        run(cfg_factory(*override.split()))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -93,7 +93,7 @@ def test_retention_sets_cost_directly(cfg_factory):
 
     choice = choose_method(cfg_factory("+method=framefusion", "retention=0.4"))
     assert choice.knobs == {"cost": 0.4, "sim_floor": 0.6, "merge_floor": 0.1}
-    assert choice.target_retention is None and choice.label == "cost=0.4,sim_floor=0.6,merge_floor=0.1"
+    assert choice.target_retention is None and choice.label == "r=0.4,sim_floor=0.6,merge_floor=0.1"
     choice = choose_method(cfg_factory("+method=framefusion", "method.cost=0.5", "method.sim_floor=0.8"))
     assert choice.knobs == {"cost": 0.5, "sim_floor": 0.8, "merge_floor": 0.1}
     assert FrameFusion().prefill_policy(TINY).planned(784) is None  # data-dependent: no calibration

@@ -258,6 +258,6 @@ def test_label_names_layers_and_lambda(cfg_factory):
 
     choice = choose_method(cfg_factory("+method=pdrop", "method.lambda_=0.25", "method.layers=[2,4,6]"))
     assert choice.knobs == {"layers": [2, 4, 6], "lambda_": 0.25}
-    assert choice.label == "layers=[2, 4, 6],lambda_=0.25"
+    assert choice.label == "layers=2/4/6,lambda_=0.25"  # '/' keeps run ids free of brackets
     assert choose_method(cfg_factory("+method=pdrop")).knobs == {"layers": None, "lambda_": 0.5}
 
