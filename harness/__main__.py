@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 import harness.config  # noqa: F401  (registers the structured schemas and resolvers)
 from harness.errors import ConfigError
-from harness.llava import ModelLoadError
+from harness.models.base import ModelLoadError
 
 
 def _where(cfg: DictConfig) -> str:

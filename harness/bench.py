@@ -40,9 +40,8 @@ import pandas as pd
 import torch
 
 import methods
-from harness.llava import LlavaOneVision
-from harness.video import read_frames
-from methods.flops import LLMShape, encoder_flops, prefill_flops
+from harness.models.base import VideoLLM
+from methods.flops import LLMShape, prefill_flops
 
 DEFAULT_METHODS = ["none", "scissor", "fastv", "topk", "uniform", "pllava", "visionzip", "dycoke", "vidcom2",
                    "fastvid", "holitom", "prunevid", "divprune", "pdrop", "framefusion"]
@@ -121,13 +120,13 @@ def build(spec: str, retention: float | None, visual, full_video: int, text_toke
 
     videos = visual(compressor.needs) if compressor.has("visual") else None
     count = len(videos) if videos is not None else 1
-    found = search(compressor, retention, CalibrationSet([text_tokens] * count, full_video, videos), shape)
+    found = search(compressor, retention, CalibrationSet([text_tokens] * count, [full_video] * count, videos), shape)
     for knob, value in found["knobs"].items():
         compressor = compressor.with_knob(knob, value)
     return compressor, f"{spec} r={retention:g}"
 
 
-def measure(adapter: LlavaOneVision, compressor, pixels, repeats: int, max_new_tokens: int) -> dict:
+def measure(adapter: VideoLLM, compressor, pixels, repeats: int, max_new_tokens: int) -> dict:
     adapter.generate(pixels[0], QUESTION, compressor, max_new_tokens=max_new_tokens)  # warm-up
     runs, memory = [], []
     for _ in range(repeats):
@@ -139,16 +138,15 @@ def measure(adapter: LlavaOneVision, compressor, pixels, repeats: int, max_new_t
            for k in ("vision", "compressor", "prefill", "ttft", "decode")}
     steps = statistics.median(r.decode_steps for r in runs)
     run = runs[0]
-    shape = LLMShape.of(adapter.config.text_config)
-    frames = run.video_tokens_in // adapter.tokens_per_frame
-    compressor_flops = compressor.flops(frames, adapter.tokens_per_frame, shape.hidden)
+    shape = adapter.llm_shape
+    compressor_flops = compressor.flops(run.frames, run.frame_tokens, shape.hidden)
     return {
         "rho_tok": statistics.median(r.video_tokens_out / r.video_tokens_in for r in runs),
         "tokens out": statistics.median(r.video_tokens_out for r in runs),
         **{f"{k} ms": 1000 * v for k, v in med.items() if k != "decode"},
         "decode ms/token": 1000 * med["decode"] / steps if steps else float("nan"),
         "peak MB": statistics.median(memory) / 2**20,
-        "vision TFLOPs": encoder_flops(adapter.config.vision_config, frames, shape.hidden) / 1e12,
+        "vision TFLOPs": adapter.vision_flops(run.frames, run.grid) / 1e12,
         "compressor GFLOPs": compressor_flops / 1e9 if compressor_flops is not None else float("nan"),
         "prefill TFLOPs": prefill_flops(run.text_tokens, run.layer_video_tokens, shape,
                                         run.layer_mlp_video_tokens) / 1e12,
@@ -264,7 +262,8 @@ def compressors_only(specs: list[str], retentions: list[float] | None, shape: tu
                         policy = compressor.prefill_policy(llm)
                         inputs = {at - 1: (layer, hidden, rotary), at: (layer, hidden, rotary)}
                         view = PrefillView(at, hidden, positions, torch.arange(n), torch.arange(frames * tokens),
-                                           0, torch.arange(frames * tokens, n), False, None, inputs,
+                                           0, torch.arange(frames * tokens, n), False, None,
+                                           torch.arange(frames * tokens), tokens, inputs,
                                            apply_rotary_pos_emb)
                         policy.act(view)
 
@@ -279,8 +278,12 @@ def compressors_only(specs: list[str], retentions: list[float] | None, shape: tu
 
 def load_model(overrides: list[str], model_path: str | None, dtype: str | None, device: str):
     """The adapter for `--model PATH`, or for the Hydra model config the overrides select."""
+    from harness.models import adapter_class
+
     if model_path is not None:
-        return LlavaOneVision(model_path, dtype=dtype or "float32", device=device), Path(model_path).name
+        family = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.family=")),
+                      "llava_onevision")
+        return adapter_class(family)(model_path, dtype=dtype or "float32", device=device), Path(model_path).name
     from hydra import compose, initialize_config_dir
 
     import harness.config  # noqa: F401  (schemas and resolvers)
@@ -289,8 +292,8 @@ def load_model(overrides: list[str], model_path: str | None, dtype: str | None, 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     path = prepare_model(cfg)
-    adapter = LlavaOneVision(path, dtype=dtype or cfg.model.dtype, device=device,
-                             attn_implementation=cfg.model.attn_implementation)
+    adapter = adapter_class(cfg.model.family)(path, dtype=dtype or cfg.model.dtype, device=device,
+                                              attn_implementation=cfg.model.attn_implementation)
     return adapter, cfg.model.name
 
 
@@ -324,17 +327,17 @@ def main(argv=None) -> int:
 
         args.video_dir = generate(Path(os.environ.get("VTC_CACHE", ".cache")) / "data" / "vtc_smoke").parent / "videos"
     videos = sorted(args.video_dir.glob("*.mp4"))[: args.videos]
-    pixels = [adapter.preprocessing.apply(read_frames(v, args.frames)) for v in videos]
-    text = len(adapter.prompt_ids(QUESTION)[0])
+    pixels = [adapter.load_video(str(v), args.frames) for v in videos]
+    text = adapter.text_tokens(adapter.prompt_ids(QUESTION)[0])
     rows = []
     for spec in args.methods:
         has_knobs = ":" in spec or "+" in spec
         targets = [None] if has_knobs or args.retentions is None or spec == "none" else args.retentions
         for retention in targets:
             try:
-                compressor, label = build(spec, retention, lambda needs: [adapter.encode(px, needs)[0] for px in pixels],
-                                          pixels[0].shape[0] * adapter.tokens_per_frame, text,
-                                          LLMShape.of(adapter.config.text_config))
+                compressor, label = build(spec, retention, lambda needs: [adapter.encode(px, needs).visual for px in pixels],
+                                          adapter.video_tokens(str(videos[0]), args.frames), text,
+                                          adapter.llm_shape)
             except ValueError as err:  # e.g. a retention below what the method can reach
                 print(f"skipped {spec} at retention {retention}: {err}", file=sys.stderr)
                 continue

@@ -38,7 +38,7 @@ class CalibrationSet:
     """What the measures need from the first documents of the task."""
 
     text_tokens: list[int]  # prompt tokens other than video tokens, per document
-    full_video: int  # F*N video tokens per video
+    full_video: list[int]  # F*N video tokens, per document (Qwen2.5-VL: N depends on the video)
     visual: list[VisualInput] | None = None  # pooled features, when a visual stage must run
 
 
@@ -62,19 +62,23 @@ def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: b
                     needs: frozenset, cache=None) -> CalibrationSet:
     """Text lengths (and, if asked, pooled features) of the first `size` documents of the task;
     documents whose video fails are skipped."""
-    texts, visual = [], []
+    texts, full, visual = [], [], []
     for task, doc in _documents(tasks, size):
-        if need_visual:
-            try:
-                encoded = encode_file(adapter, task.doc_to_visual(doc)[0], frames, needs, cache)
-            except VideoError as err:
-                log.warning("calibration skips a video: %s", err)
-                continue
-            visual.append(encoded.visual)
-        texts.append(len(adapter.prompt_ids(task.doc_to_text(doc))[0]))
+        path = task.doc_to_visual(doc)[0]
+        try:
+            if need_visual:
+                encoded = encode_file(adapter, path, frames, needs, cache)
+                visual.append(encoded.visual)
+                full.append(encoded.visual.features.shape[0] * encoded.visual.features.shape[1])
+            else:
+                full.append(adapter.video_tokens(path, frames))
+        except VideoError as err:
+            log.warning("calibration skips a video: %s", err)
+            continue
+        texts.append(adapter.text_tokens(adapter.prompt_ids(task.doc_to_text(doc))[0]))
     if not texts:
         raise ConfigError("retention targeting found no usable document in the task to calibrate on")
-    return CalibrationSet(texts, frames * adapter.tokens_per_frame, visual if need_visual else None)
+    return CalibrationSet(texts, full, visual if need_visual else None)
 
 
 def stack_retention(compressor: Compressor, video_tokens: int, full_video: int, text: int,
@@ -98,12 +102,12 @@ def mean_measure(compressor: Compressor, measure: str, data: CalibrationSet, sha
     values = []
     with torch.inference_mode():
         for i, text in enumerate(data.text_tokens):
-            video, groups = data.full_video, None
+            video, groups = data.full_video[i], None
             if data.visual is not None:
                 out = compressor.compress(data.visual[i])
                 video = (out.tokens if isinstance(out, VideoTokens) else out).shape[0]
                 groups = out.groups if isinstance(out, VideoTokens) else None
-            values.append(stack_retention(compressor, video, data.full_video, text, shape, groups)[measure])
+            values.append(stack_retention(compressor, video, data.full_video[i], text, shape, groups)[measure])
     return sum(values) / len(values)
 
 
@@ -160,7 +164,7 @@ def calibrate(compressor: Compressor, target: float, adapter, tasks: dict, *, fr
     identity: what else fixes the answer (model path, task, seed), for the cache key.
     """
     spec = compressor.retention_knob
-    shape = LLMShape.of(adapter.config.text_config)
+    shape = adapter.llm_shape
     if compressor.has("prefill"):
         try:
             compressor.prefill_policy(shape)

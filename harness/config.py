@@ -16,6 +16,7 @@ from omegaconf import MISSING, OmegaConf
 @dataclass
 class ModelConf:
     name: str = MISSING  # short name used in run ids and tables
+    family: str = "llava_onevision"  # the adapter (harness/models): llava_onevision | qwen2_5_vl
     path: str = MISSING  # local Hugging Face model directory, or a hub id
     smoke: bool = False  # a randomly initialised model: results are not meaningful
     build_tiny: bool = False  # build the embedded smoke model at `path` when it is absent
@@ -25,7 +26,7 @@ class ModelConf:
     attn_implementation: str = "sdpa"
     max_new_tokens: int = 16
     random_init: bool = False  # build `arch` with random weights instead of loading `path`
-    arch: Dict[str, Any] = field(default_factory=dict)  # LlavaOnevisionConfig fields (published shapes)
+    arch: Dict[str, Any] = field(default_factory=dict)  # the family's config fields (published shapes)
 
 
 @dataclass

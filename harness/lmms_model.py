@@ -1,4 +1,4 @@
-"""The harness model as an lmms_eval model: LLaVA-OneVision + one compressor.
+"""The harness model as an lmms_eval model: a video LLM (any family of harness/models) + one compressor.
 
 It answers lmms_eval's requests one sample at a time, writes each sample's record (prediction,
 target, score, retention, timings) the moment it completes, and serves samples already on disk
@@ -17,12 +17,12 @@ from tqdm import tqdm
 
 import methods
 from harness.feature_cache import FeatureCache, encode_file
-from harness.llava import Encoded, LlavaOneVision, VideoPass
+from harness.models.base import Encoded, VideoLLM, VideoPass
 from harness.lmms_compat import score_one
 from harness.rundir import RunDir, sample_key
 from harness.video import VideoError
 from methods.base import Compressor
-from methods.flops import LLMShape, retention_numbers
+from methods.flops import retention_numbers
 
 
 class SampleError(RuntimeError):
@@ -32,7 +32,7 @@ class SampleError(RuntimeError):
 class VTCModel(lmms):
     is_simple = True
 
-    def __init__(self, adapter: LlavaOneVision, compressor: Compressor, run_dir: RunDir, *,
+    def __init__(self, adapter: VideoLLM, compressor: Compressor, run_dir: RunDir, *,
                  frames: int, max_new_tokens: int, tasks: dict, metric: str, live_score: bool = True,
                  progress: bool = True, feature_cache: FeatureCache | None = None):
         super().__init__()
@@ -46,8 +46,8 @@ class VTCModel(lmms):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VTCModel":
         """Build from lmms_eval's own CLI: `python -m lmms_eval --model vtc --model_args
-        pretrained=PATH,method=scissor,tau=0.9[,frames=32,dtype=bfloat16,device=cuda,
-        max_new_tokens=16,output=DIR,seed=0] --tasks ...`.
+        pretrained=PATH,method=scissor,tau=0.9[,family=llava_onevision,frames=32,dtype=bfloat16,
+        device=cuda,max_new_tokens=16,output=DIR,seed=0] --tasks ...`.
 
         Every other key is a knob of the method. Per-sample records go to `output` (default
         results/lmms_eval/<model>-<method>-<hash>, resumed like a harness run); retention targets
@@ -59,8 +59,8 @@ class VTCModel(lmms):
         args = utils.simple_parse_args_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         if "pretrained" not in args:
-            raise ValueError("--model_args needs pretrained=<LLaVA-OneVision model directory or hub id>")
-        options = {k: args.pop(k) for k in ("pretrained", "method", "frames", "dtype", "device",
+            raise ValueError("--model_args needs pretrained=<model directory or hub id>")
+        options = {k: args.pop(k) for k in ("pretrained", "family", "method", "frames", "dtype", "device",
                                             "max_new_tokens", "output", "seed", "attn_implementation")
                    if k in args}
         name = options.get("method", "none")
@@ -70,11 +70,18 @@ class VTCModel(lmms):
         compressor = methods.build(name, **args)
         compressor.seed = int(options.get("seed", 0))
         device = str(options.get("device") or extra.get("device") or "auto")
-        adapter = LlavaOneVision(str(options["pretrained"]), dtype=str(options.get("dtype", "bfloat16")),
-                                 device=device,
-                                 attn_implementation=str(options.get("attn_implementation", "sdpa")))
+        from harness.models import adapter_class
+
+        family = str(options.get("family", "llava_onevision"))
+        missing = set(compressor.needs) - adapter_class(family).provides
+        if missing:
+            raise ValueError(f"method {name} needs {', '.join(sorted(missing))}, which the {family} "
+                             "family does not provide: it is not defined for this family")
+        adapter = adapter_class(family)(str(options["pretrained"]), dtype=str(options.get("dtype", "bfloat16")),
+                                        device=device,
+                                        attn_implementation=str(options.get("attn_implementation", "sdpa")))
         frames = int(options.get("frames", 32))
-        ident = {"pretrained": str(options["pretrained"]), "method": name, "knobs": compressor.knobs(),
+        ident = {"pretrained": str(options["pretrained"]), "family": family, "method": name, "knobs": compressor.knobs(),
                  "frames": frames, "dtype": options.get("dtype", "bfloat16"), "seed": compressor.seed}
         output = options.get("output") or (f"results/lmms_eval/{Path(str(options['pretrained'])).name}-"
                                            f"{compressor.title}-{digest(ident)[:8]}")
@@ -106,12 +113,12 @@ class VTCModel(lmms):
     def _measurements(self, run: VideoPass) -> dict:
         visible = run.decode_video_visible
         return {
-            "frames": run.video_tokens_in // self.adapter.tokens_per_frame,
+            "frames": run.frames,  # token frames (Qwen2.5-VL: temporal patches of two frames)
             "tokens": {"video_in": run.video_tokens_in, "video_out": run.video_tokens_out,
-                       "text": run.text_tokens},
+                       "text": run.text_tokens, "per_frame": run.frame_tokens},
             "retention": {
                 **retention_numbers(run.video_tokens_in, run.text_tokens, run.layer_video_tokens,
-                                    LLMShape.of(self.adapter.config.text_config),
+                                    self.adapter.llm_shape,
                                     run.layer_mlp_video_tokens),
                 # decode-stage methods (DyCoke): share of cached video entries attended per step
                 "rho_decode_kv": sum(visible) / len(visible) if visible else None},
@@ -197,4 +204,4 @@ class VTCModel(lmms):
 
     def generate_until_multi_round(self, requests):
         raise TypeError("vtc-harness evaluates single-round tasks; multi-round generation is "
-                        "not supported by its LLaVA-OneVision adapter")
+                        "not supported by its model adapters")

@@ -24,7 +24,7 @@ from harness.quiet import log_file, quiet_libraries
 from harness.rundir import RunDir
 from harness.summary import summarize, summary_line
 from harness.timing import step
-from harness.validate import check_config, check_method_fits, read_model_config
+from harness.validate import check_config, check_method_family, check_method_fits, read_model_config
 from methods.base import Compressor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -195,13 +195,14 @@ def check_task_requirements(cfg: DictConfig) -> None:
 def prepare_model(cfg: DictConfig) -> str:
     """The directory of the model the config names, built first when it is an embedded model or a
     random-weight architecture (model.random_init)."""
-    from harness.random_model import random_model_dir
-    from harness.tiny_model import build_tiny_model
+    from harness.models.random_weights import random_model_dir
+    from harness.models.tiny import build_tiny_model
 
     if cfg.model.random_init:
         arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
         try:
-            return str(random_model_dir(Path(cfg.cache_dir) / "models", cfg.model.name, arch, cfg.seed))
+            return str(random_model_dir(Path(cfg.cache_dir) / "models", cfg.model.name, arch, cfg.seed,
+                                        family=cfg.model.family))
         except (TypeError, ValueError) as err:  # a shape the config classes reject
             raise ConfigError(f"model.arch of {cfg.model.name}: {err}") from err
     if cfg.model.build_tiny:
@@ -279,11 +280,12 @@ def run(cfg: DictConfig) -> Path:
 
     from harness.calibrate import calibrate, calibration_size
     from harness.feature_cache import FeatureCache
-    from harness.llava import LlavaOneVision
     from harness.lmms_model import VTCModel
     from harness.loggers import make_logger
+    from harness.models import adapter_class
     check_config(cfg)
     choice = choose_method(cfg)
+    check_method_family(choice.build(), cfg.model.family)
     check_task_requirements(cfg)
     quiet_libraries(log_file())
     rank, world_size = distributed.world()
@@ -315,8 +317,8 @@ def run(cfg: DictConfig) -> Path:
     data_files = task_files(tasks, cfg.task.limit,
                             OmegaConf.to_container(cfg.task.overrides, resolve=True).get("dataset_kwargs"))
     with step(f"loading model {cfg.model.name} ({cfg.model.dtype}, {cfg.model.device})"):
-        adapter = LlavaOneVision(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
-                                 attn_implementation=cfg.model.attn_implementation)
+        adapter = adapter_class(cfg.model.family)(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
+                                                  attn_implementation=cfg.model.attn_implementation)
     features = (FeatureCache(Path(cfg.cache_dir) / "features", adapter.fingerprint)
                 if cfg.feature_cache else None)
     compressor = choice.build()

@@ -30,6 +30,14 @@ def _int(field: str, value, low: int, optional: bool = False) -> None:
 def check_config(cfg) -> None:
     """The model, task and run fields of a composed config (cfg: the Hydra config)."""
     model, task = cfg.model, cfg.task
+    from harness.models import FAMILIES
+
+    if model.family not in FAMILIES:
+        raise ConfigError(f"model.family={model.family!r}: expected one of {', '.join(FAMILIES)}")
+    if model.build_tiny and model.family != "llava_onevision":
+        raise ConfigError(f"model.build_tiny=true builds the embedded LLaVA-OneVision smoke model: "
+                          f"expected model.family=llava_onevision, got {model.family!r} (for a small "
+                          f"{model.family} use model.random_init=true with a small model.arch)")
     _int("model.frames", model.frames, 1)
     _int("model.max_new_tokens", model.max_new_tokens, 1)
     if model.dtype not in DTYPES:
@@ -46,6 +54,18 @@ def check_config(cfg) -> None:
     # method's name (scissor.tau=1.5), before anything loads
 
 
+def check_method_family(compressor, family: str) -> None:
+    """A method that needs vision-side inputs the family's adapter does not compute (e.g. FastVID's
+    SigLIP head on `encoder_hidden`) is not defined for that family: an error before anything loads."""
+    from harness.models import adapter_class
+
+    missing = set(compressor.needs) - adapter_class(family).provides
+    if missing:
+        raise ConfigError(f"method {compressor.title} needs {', '.join(sorted(missing))} from the vision "
+                          f"encoder, which model.family={family} does not provide: the method is not "
+                          f"defined for this family (it provides {', '.join(sorted(adapter_class(family).provides)) or 'none'})")
+
+
 def read_model_config(path: str) -> dict | None:
     """The model directory's config.json as a dict (None for a hub id not on disk); a file that is
     not valid JSON is an error naming it and where it breaks."""
@@ -58,8 +78,8 @@ def read_model_config(path: str) -> dict | None:
         raise ConfigError(f"model.path={path}: {config} is not valid JSON (line {err.lineno}, column "
                           f"{err.colno}: {err.msg}); expected a Hugging Face model config") from None
     if not isinstance(data, dict) or not isinstance(data.get("text_config"), dict):
-        raise ConfigError(f"model.path={path}: {config} has no text_config: expected a "
-                          "LLaVA-OneVision config (model_type llava_onevision)")
+        raise ConfigError(f"model.path={path}: {config} has no text_config: expected a video LLM's "
+                          "config (model_type llava_onevision or qwen2_5_vl)")
     return data
 
 

@@ -26,8 +26,8 @@ def uniform_indices(total: int, count: int) -> np.ndarray:
     return np.linspace(0, total - 1, count, dtype=int)
 
 
-def read_frames(path: str | Path, count: int) -> np.ndarray:
-    """`count` uniformly sampled RGB frames of the video at `path` as uint8 (count, H, W, 3)."""
+def open_video(path: str | Path):
+    """A decord reader of the video at `path` (VideoError if it is missing, unreadable or empty)."""
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"video file not found: {path}")
@@ -35,10 +35,18 @@ def read_frames(path: str | Path, count: int) -> np.ndarray:
 
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-        total = len(reader)
-        if total == 0:
-            raise VideoError(f"video has no frames: {path}")
-        return reader.get_batch(list(uniform_indices(total, count))).asnumpy()
+    except Exception as err:  # decord raises bare RuntimeError/DECORDError for corrupt files
+        raise VideoError(f"cannot decode video {path}: {str(err).splitlines()[0]}") from err
+    if len(reader) == 0:
+        raise VideoError(f"video has no frames: {path}")
+    return reader
+
+
+def read_frames(path: str | Path, count: int) -> np.ndarray:
+    """`count` uniformly sampled RGB frames of the video at `path` as uint8 (count, H, W, 3)."""
+    reader = open_video(path)
+    try:
+        return reader.get_batch(list(uniform_indices(len(reader), count))).asnumpy()
     except VideoError:
         raise
     except Exception as err:  # decord raises bare RuntimeError/DECORDError for corrupt files

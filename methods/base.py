@@ -31,16 +31,21 @@ STAGES = ("visual", "prefill", "decode")
 
 @dataclass
 class VisualInput:
-    """What the vision side of LLaVA-OneVision hands to a visual-stage compressor."""
+    """What the vision side of a video LLM hands to a visual-stage compressor.
 
-    features: torch.Tensor  # (F, N, D): projected, 2x2-pooled features, N = h*w tokens per frame
-    grid: tuple[int, int]  # (h, w) of the pooled per-frame grid, 14x14 for OneVision
+    A "frame" is a frame of tokens: one video frame on LLaVA-OneVision, one temporal patch of two
+    frames on Qwen2.5-VL (whose N depends on the video's resolution)."""
+
+    features: torch.Tensor  # (F, N, D): projected features, N = h*w tokens per frame, row-major
+    grid: tuple[int, int]  # (h, w) of the per-frame token grid: 14x14 for OneVision (2x2-pooled),
+    # the 2x2-merged patch grid for Qwen2.5-VL
     # what a method may ask for besides the features (Compressor.needs), at the encoder's patch
     # grid (H*W = 27*27 for SigLIP 384/14), from the last encoder layer whose output the model uses:
     patch_scores: torch.Tensor | None = None  # (F, H*W) attention each patch receives ("patch_scores")
     patch_keys: torch.Tensor | None = None  # (F, H*W, head_dim) that layer's keys, mean over heads
     # (given with "patch_scores")
     encoder_hidden: torch.Tensor | None = None  # (F, H*W, C) what the projector receives ("encoder_hidden")
+    patch_grid: tuple[int, int] | None = None  # (H, W) of the patch grid, row-major (None: square)
 
 
 VISUAL_NEEDS = frozenset({"patch_scores", "encoder_hidden"})

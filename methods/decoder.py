@@ -77,6 +77,9 @@ class PrefillView:
     query: torch.Tensor  # (q,) indices into the sequence of the text tokens after the video
     mid: bool = False  # between `layer`'s attention and its MLP
     groups: torch.Tensor | None = None  # (v,) group id of each video token, if the visual stage gave them
+    video_index: torch.Tensor | None = None  # (v,) index of each video token in the F*N visual input
+    # (its original index when the visual stage kept positions, else its index in the LLM's video input)
+    frame_tokens: int | None = None  # N: tokens per frame of the visual input (video_index // N = frame)
     _inputs: dict = field(default_factory=dict, repr=False)  # layer -> (module, its input, rotary)
     _apply_rotary: Callable | None = field(default=None, repr=False)
 
@@ -234,9 +237,11 @@ class _Sequence:
 @torch.inference_mode()
 def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tuple[int, int],
             policy: PrefillPolicy | None = None, *, use_cache: bool = True, logits_to_keep: int = 0,
-            timer: Callable | None = None, video_groups: torch.Tensor | None = None) -> Prefill:
-    """Run the LLM over `embeds` (1, T, D) at `positions` (..., T); video tokens at [start, end)
-    (with a group id each in `video_groups`, for the policy).
+            timer: Callable | None = None, video_groups: torch.Tensor | None = None,
+            video_index: torch.Tensor | None = None, frame_tokens: int | None = None) -> Prefill:
+    """Run the LLM over `embeds` (1, T, D) at `positions` (..., T): (1, T) sequence positions, or
+    (3, 1, T) M-RoPE positions (Qwen2.5-VL); video tokens at [start, end) (with a group id each in
+    `video_groups` and their index in the F*N visual input in `video_index`, for the policy).
 
     `timer()` (a context manager) times the policy's own work (compressor time).
     """
@@ -265,10 +270,12 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
     def act(layer: int, at_mid: bool) -> None:
         nonlocal stale, video_count
         video_entries = is_video[seq.origin].nonzero().flatten()
-        groups = None if video_groups is None else video_groups[seq.origin[video_entries] - start]
+        present = seq.origin[video_entries] - start
+        groups = None if video_groups is None else video_groups[present]
+        index = present if video_index is None else video_index[present]
         view = PrefillView(layer, seq.hidden, seq.positions, seq.origin, video_entries, start,
-                           (seq.origin >= end).nonzero().flatten(), at_mid, groups, inputs,
-                           llm.apply_rotary)
+                           (seq.origin >= end).nonzero().flatten(), at_mid, groups, index, frame_tokens,
+                           inputs, llm.apply_rotary)
         with _timer(timer):
             keep = policy.act(view)
             if keep is not None:

@@ -367,7 +367,7 @@ class FastVID(Compressor):
         if self.siglip_path is None:
             if x.patch_scores is None:
                 raise ValueError("fastvid (fallback head) needs the encoder's patch attention (patch_scores)")
-            saliency = pooled_scores(x.patch_scores, x.grid)
+            saliency = pooled_scores(x.patch_scores, x.grid, x.patch_grid)
             global_features = x.features.float().mean(1)
         else:
             if x.encoder_hidden is None:
@@ -378,7 +378,7 @@ class FastVID(Compressor):
                                  f"{head.post_layernorm.normalized_shape[0]}-d features, the encoder "
                                  f"gives {x.encoder_hidden.shape[-1]}-d")
             global_features, attention = siglip_head_outputs(x.encoder_hidden, head)
-            saliency = pooled_scores(attention, x.grid)
+            saliency = pooled_scores(attention, x.grid, x.patch_grid)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         return fastvid_compress(x.features, saliency, global_features, self.retention, self.segments,
                                 self.seg_tau, self.context_share, self.anchor_every, self.merge_floor,

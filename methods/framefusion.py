@@ -48,8 +48,10 @@ Deviations (and why):
   heads expanded; softmax in float32 (official: model dtype);
 - LLaVA-OneVision has one newline after the video: it is text, never merged or pruned (the
   official LLaVA-Video layout has a newline per row, counted as a 15th grid column). Grid
-  positions are read from the tokens' position ids, so a visual stage giving `VideoTokens` in front
-  keeps them; in such a stack `cost` is relative to the prefill of the tokens it hands over.
+  positions are the tokens' indices in the visual input modulo the tokens per frame
+  (`PrefillView.video_index`, `frame_tokens`: 196 on OneVision, the video's h*w on Qwen2.5-VL), so
+  a visual stage giving `VideoTokens` in front keeps them; in such a stack `cost` is relative to
+  the prefill of the tokens it hands over.
 Where merging stops depends on the data, so the policy is called between attention and MLP of every
 layer (a no-op once it is done). Host synchronisation: a few scalars per site (how many tokens are
 similar, as the official `.item()`, and how many survive).
@@ -69,7 +71,6 @@ from methods.select import top_k_ascending
 
 __all__ = ["FrameFusion", "FrameFusionPolicy", "MergeStep", "merge_step", "removal_share"]
 
-FRAME_TOKENS = 196  # LLaVA-OneVision's pooled 14x14 grid per frame (spec: N = 196)
 FIRST = -2.0  # similarity of a grid position's first token: never merges (official IGNORE_TOKEN)
 EXACT = 1e-6  # tokens_within this close to the present count: nothing to remove (cost = 1)
 
@@ -180,7 +181,6 @@ class FrameFusionPolicy:
     sim_floor: float
     merge_floor: float
     shape: LLMShape
-    frame_tokens: int = FRAME_TOKENS
     merging: bool = field(default=True, init=False)
     pruning: bool = field(default=True, init=False)
     text: int = field(default=0, init=False)  # non-video tokens of the prompt
@@ -216,8 +216,10 @@ class FrameFusionPolicy:
             self.merging = self.pruning = False
         elif self.merging:
             limit = self.removal_share(present)
-            positions = view.positions.reshape(-1, view.positions.shape[-1])[0, view.video]
-            slots = (positions - view.video_start) % self.frame_tokens
+            if view.video_index is None or not view.frame_tokens:
+                raise ValueError("framefusion needs each video token's index in the visual input and "
+                                 "the tokens per frame (PrefillView.video_index, frame_tokens)")
+            slots = view.video_index % view.frame_tokens
             step = merge_step(view.hidden[0, view.video], slots, self.sim_floor, limit, self.merge_floor)
             self.ratios.append(step.ratio)
             self.merging, self.pruning = not step.stop, step.prune

@@ -348,7 +348,7 @@ class HoliTom(Compressor):
     def compress(self, x: VisualInput) -> torch.Tensor:
         if x.patch_scores is None:
             raise ValueError("holitom needs the vision encoder's patch attention (patch_scores)")
-        scores = pooled_scores(x.patch_scores, x.grid)
+        scores = pooled_scores(x.patch_scores, x.grid, x.patch_grid)
         generator = torch.Generator("cpu").manual_seed(self.seed)  # per video: resumable, shardable
         return holitom_compress(x.features, scores, self.retention, self.tau, self.beta,
                                 self.dominant_share, self.knn, generator)

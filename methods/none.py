@@ -1,9 +1,11 @@
-"""No compression: the uncompressed reference row of every table."""
+"""No compression: the uncompressed reference row of every table. Every token keeps its position."""
 
 from dataclasses import dataclass
 
+import torch
+
 from methods import register
-from methods.base import Compressor, VisualInput
+from methods.base import Compressor, VideoTokens, VisualInput
 
 
 @register
@@ -13,5 +15,6 @@ class NoCompression(Compressor):
     stages = frozenset({"visual"})  # the identity, so it can stand wherever a visual stage does
     reference = True
 
-    def compress(self, x: VisualInput):
-        return x.features.flatten(0, 1)
+    def compress(self, x: VisualInput) -> VideoTokens:
+        tokens = x.features.flatten(0, 1)
+        return VideoTokens(tokens, torch.arange(tokens.shape[0], device=tokens.device))

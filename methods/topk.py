@@ -17,18 +17,24 @@ from methods.base import Compressor, RetentionKnob, VisualInput, check_range
 from methods.select import top_k_ascending
 
 
-def pooled_scores(patch_scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(F, P*P) patch scores -> (F, h*w) scores on the pooled feature grid (bilinear), float32.
+def pooled_scores(patch_scores: torch.Tensor, grid: tuple[int, int],
+                  patch_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """(F, H*W) patch scores -> (F, h*w) scores on the feature grid (bilinear), float32.
 
-    (F, P*P, C) per-patch vectors (e.g. `patch_keys`) -> (F, h*w, C): each channel is resized
-    the same way, as LLaVA-OneVision pools its features.
+    (F, H*W, C) per-patch vectors (e.g. `patch_keys`) -> (F, h*w, C): each channel is resized
+    the same way, as LLaVA-OneVision pools its features (27x27 -> 14x14). `patch_grid` (H, W)
+    defaults to a square; for Qwen2.5-VL's 2x2 patch merge (H, W) = (2h, 2w), where the bilinear
+    resize is exactly the mean of each token's four patches.
     """
     frames, patches = patch_scores.shape[:2]
-    side = round(patches ** 0.5)
-    if side * side != patches:
-        raise ValueError(f"patch scores of {patches} patches are not a square grid")
+    if patch_grid is None:
+        side = round(patches ** 0.5)
+        patch_grid = (side, side)
+    if patch_grid[0] * patch_grid[1] != patches:
+        raise ValueError(f"patch scores of {patches} patches do not form the {patch_grid[0]}x{patch_grid[1]} "
+                         "patch grid (VisualInput.patch_grid)")
     channels = patch_scores.shape[2] if patch_scores.dim() == 3 else 1
-    maps = patch_scores.float().reshape(frames, side, side, channels).permute(0, 3, 1, 2)
+    maps = patch_scores.float().reshape(frames, *patch_grid, channels).permute(0, 3, 1, 2)
     pooled = nnf.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
     pooled = pooled.permute(0, 2, 3, 1).reshape(frames, grid[0] * grid[1], channels)
     return pooled if patch_scores.dim() == 3 else pooled.squeeze(-1)
@@ -51,5 +57,5 @@ class TopK(Compressor):
             raise ValueError("topk needs the vision encoder's patch attention (patch_scores)")
         frames, n, dim = x.features.shape
         k = max(1, round(self.retention * n))
-        keep = top_k_ascending(pooled_scores(x.patch_scores, x.grid), k)
+        keep = top_k_ascending(pooled_scores(x.patch_scores, x.grid, x.patch_grid), k)
         return x.features.gather(1, keep.to(x.features.device)[..., None].expand(-1, -1, dim)).flatten(0, 1)

@@ -130,6 +130,6 @@ class VisionZip(Compressor):
         if x.patch_scores is None or x.patch_keys is None:
             raise ValueError("visionzip needs the vision encoder's patch attention and keys "
                              "(patch_scores, patch_keys)")
-        scores = pooled_scores(x.patch_scores, x.grid)  # (F, 196)
-        keys = pooled_scores(x.patch_keys, x.grid)  # (F, 196, C), the same bilinear resize
+        scores = pooled_scores(x.patch_scores, x.grid, x.patch_grid)  # (F, 196)
+        keys = pooled_scores(x.patch_keys, x.grid, x.patch_grid)  # (F, 196, C), the same bilinear resize
         return visionzip_compress(x.features, scores, keys, self.retention)

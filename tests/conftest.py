@@ -24,7 +24,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_dir) -> Path:
-    from harness.tiny_model import build_tiny_model
+    from harness.models.tiny import build_tiny_model
 
     return build_tiny_model(cache_dir / "models" / "tiny-llava-onevision")
 

@@ -47,7 +47,7 @@ def test_every_ranged_field_is_checked_before_anything_loads(cfg_factory, overri
     ("method.keep=2", "fastv.keep=2: expected a value in (0.0, 1.0]"),
 ])
 def test_method_knobs_are_checked_before_the_model_loads(cfg_factory, override, message, monkeypatch):
-    import harness.llava as llava
+    import harness.models.llava_onevision as llava
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before its knobs were checked")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import methods
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods import decoder
 from methods.base import Compressor, VideoTokens

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import methods
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods.base import VisualInput
 from methods.divprune import DivPrune, divprune_budget, divprune_compress, divprune_select
@@ -250,7 +250,8 @@ def pixels(adapter, smoke_questions):
 def test_the_llm_sees_the_kept_features_at_consecutive_positions(adapter, pixels, scope):
     ids, _ = adapter.prompt_ids(QUESTION)
     prompt = adapter.prepare(pixels, DivPrune(retention=0.25, scope=scope), ids)
-    visual, newline = adapter.encode(pixels)
+    encoded = adapter.encode(pixels)
+    visual, newline = encoded.visual, encoded.extras["newline"]
     expected = reference_divprune(visual.features, 0.25, scope, dtype=torch.float32).output
     start, end = prompt.span
     assert end - start == prompt.run.video_tokens_out == 4 * 49

@@ -12,7 +12,7 @@ import torch
 import methods
 from harness.calibrate import TOLERANCE, CalibrationSet, bisect_knob, mean_measure
 from harness.errors import ConfigError
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods import decoder
 from methods.attention import query_attention
@@ -237,7 +237,7 @@ def test_loglikelihood_scores_the_answer_on_the_pruned_sequence(adapter, eager, 
 # ---- retention by FLOPs matching ----------------------------------------------------------------
 def flops_matched(target, K, layers, text, video, d, m):
     """FastV's keep for a target rho_flops, found by the harness's generic calibration."""
-    shape, data = LLMShape(d, m, layers), CalibrationSet([text], video)
+    shape, data = LLMShape(d, m, layers), CalibrationSet([text], [video])
     spec = FastV.retention_knob
     return bisect_knob(lambda v: mean_measure(FastV(K=K).with_knob("keep", v), spec.measure, data, shape),
                        spec.low, spec.high, target, precision=1e-5, what="fastv")

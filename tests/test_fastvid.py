@@ -429,7 +429,7 @@ def test_missing_inputs_and_a_mismatched_head_are_errors(siglip_dir):
 
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir):
-    from harness.llava import LlavaOneVision
+    from harness.models.llava_onevision import LlavaOneVision
 
     return LlavaOneVision(str(tiny_model_dir))
 
@@ -466,7 +466,7 @@ def test_kept_tokens_keep_their_original_positions(adapter, pixels):
     m = methods.build("fastvid", retention=0.25)
     ids, _ = adapter.prompt_ids(QUESTION)
     prompt = adapter.prepare(pixels, m, ids)
-    visual, _ = adapter.encode(pixels, m.needs)
+    visual = adapter.encode(pixels, m.needs).visual
     expected = m.compress(visual)
     start, end = prompt.span
     assert end - start == expected.positions.numel()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.feature_cache import FeatureCache
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.rundir import read_samples
 from harness.run import run
 
@@ -36,7 +36,7 @@ def test_entries_are_exact_and_keyed_by_everything_that_changes_features(tiny_mo
     cache.save(key, encoded)
     loaded = cache.load(key, "cpu")
     assert loaded.cached and torch.equal(loaded.visual.features, encoded.visual.features)
-    assert torch.equal(loaded.newline, encoded.newline)
+    assert torch.equal(loaded.extras["newline"], encoded.extras["newline"])
     assert loaded.timings == {"vision": 0.0, "scoring": 0.0}
     with_scores = adapter.encode_video(torch.randn(4, 3, 384, 384), needs=frozenset({"patch_scores"}))
     cache.save(cache.key(video, 4, p, SCORES), with_scores)

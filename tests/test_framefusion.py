@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import methods
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods import decoder
 from methods.flops import LLMShape, retention_numbers
@@ -72,7 +72,7 @@ def synthetic_prompt(adapter, frames, scales, seed=0):
 
 def run_policy(adapter, embeds, positions, span, compressor, use_cache=True):
     policy = compressor.prefill_policy(adapter.llm.shape)
-    out = decoder.prefill(adapter.llm, embeds, positions, span, policy, use_cache=use_cache)
+    out = decoder.prefill(adapter.llm, embeds, positions, span, policy, use_cache=use_cache, frame_tokens=196)
     return policy, out
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as nnf
 
 import methods
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames, uniform_indices
 from methods.base import VisualInput
 

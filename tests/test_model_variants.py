@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import methods
-from harness.llava import LlavaOneVision, ModelLoadError
-from harness.random_model import random_model_dir
+from harness.models.base import ModelLoadError
+from harness.models.llava_onevision import LlavaOneVision
+from harness.models.random_weights import random_model_dir
 from methods import decoder
 
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"

@@ -11,7 +11,7 @@ import torch
 import methods
 from harness.calibrate import TOLERANCE, CalibrationSet, bisect_knob, mean_measure
 from harness.errors import ConfigError
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods import decoder
 from methods.fastv import PruneByLastToken
@@ -182,7 +182,7 @@ def test_cached_decoding_matches_the_uncached_stock_reference(adapter, eager, cl
 
 # ---- retention by FLOPs matching ----------------------------------------------------------------
 def flops_matched(target, layers, text, video, shape):
-    data = CalibrationSet([text], video)
+    data = CalibrationSet([text], [video])
     spec = PyramidDrop.retention_knob
     return bisect_knob(lambda v: mean_measure(PyramidDrop(layers=layers).with_knob("lambda_", v),
                                               spec.measure, data, shape),

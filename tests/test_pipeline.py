@@ -7,7 +7,7 @@ import torch
 
 import methods
 from harness.errors import ConfigError
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods import decoder
 from methods.base import Compressor
@@ -39,7 +39,8 @@ def test_a_visual_and_a_prefill_method_stacked_equal_running_them_in_sequence(ad
     prompt = adapter.prepare(pixels, stack, ids)
     out = adapter.prefill(prompt, stack, use_cache=False)
     # by hand: uniform pooling of the features, the prompt around them, then FastV in the LLM
-    visual, newline = adapter.encode(pixels)
+    encoded = adapter.encode(pixels)
+    visual, newline = encoded.visual, encoded.extras["newline"]
     tokens = Uniform(retention=0.5).compress(visual)
     embeds, positions, span = adapter.embed(ids, tokens, newline, 4 * 196)
     policy = FastV(K=3, keep=0.25).prefill_policy(adapter.llm.shape)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as nnf
 
 import methods
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods.base import VisualInput
 from methods.pllava import pllava_pool, pooling_shape
@@ -126,7 +126,7 @@ def test_full_retention_is_the_identity_and_equals_none():
     x = tokens(3, dtype=torch.float32)
     visual = VisualInput(x, (14, 14))
     out = methods.build("pllava", retention=1.0).compress(visual)
-    assert torch.equal(out, methods.build("none").compress(visual))
+    assert torch.equal(out, methods.build("none").compress(visual).tokens)
 
 
 def test_identical_tokens_stay_that_token():
@@ -207,7 +207,7 @@ def test_the_model_sees_the_pooled_tokens_at_consecutive_positions(adapter, pixe
     start, end = prompt.span
     assert end - start == 2 * 7 * 14 and prompt.run.video_tokens_out == 2 * 7 * 14
     assert torch.equal(prompt.positions[0], torch.arange(prompt.embeds.shape[1]))
-    visual, _ = adapter.encode(pixels)
+    visual = adapter.encode(pixels).visual
     expected = reference_pllava(visual.features.float(), (14, 14), 0.25, 2)
     torch.testing.assert_close(prompt.embeds[0, start:end].double(), expected.to(prompt.embeds.dtype).double(),
                                rtol=1e-5, atol=1e-6)

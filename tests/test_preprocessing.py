@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.llava import ModelLoadError, Preprocessing
+from harness.models.base import ModelLoadError
+from harness.models.llava_onevision import Preprocessing
 from harness.smoke_data import write_mp4
 from harness.video import VideoError, preprocess, read_frames, uniform_indices
 

@@ -21,7 +21,7 @@ import torch
 
 import methods
 from harness.calibrate import TOLERANCE
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods import decoder
 from methods.flops import LLMShape
@@ -473,7 +473,7 @@ def test_original_positions_reach_every_layer(adapter, pixels):
     finally:
         hook.remove()
     start, end = prompt.span
-    visual = compressor.compress(adapter.encode(pixels)[0])
+    visual = compressor.compress(adapter.encode(pixels).visual)
     positions = prompt.positions[0]
     assert positions[start:end].tolist() == (start + visual.positions).tolist()
     assert positions[end].item() == start + FRAMES * 196  # the newline

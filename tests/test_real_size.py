@@ -11,8 +11,8 @@ import torch
 import yaml
 
 import methods
-from harness.llava import LlavaOneVision
-from harness.random_model import random_model_dir
+from harness.models.llava_onevision import LlavaOneVision
+from harness.models.random_weights import random_model_dir
 from harness.video import preprocess, read_frames
 from tests.conftest import CONF
 

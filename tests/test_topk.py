@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import methods
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from methods.base import VisualInput
 from methods.select import top_k_ascending
 from methods.topk import pooled_scores
@@ -19,7 +19,7 @@ def test_patch_scores_equal_the_eager_attention_of_the_used_layer(adapter, tiny_
     from transformers import LlavaOnevisionForConditionalGeneration
 
     pixels = torch.randn(2, 3, 384, 384)
-    visual, _ = adapter.encode(pixels, needs=frozenset({"patch_scores"}))
+    visual = adapter.encode(pixels, needs=frozenset({"patch_scores"})).visual
     eager = LlavaOnevisionForConditionalGeneration.from_pretrained(
         str(tiny_model_dir), attn_implementation="eager").eval()
     with torch.no_grad():
@@ -29,7 +29,7 @@ def test_patch_scores_equal_the_eager_attention_of_the_used_layer(adapter, tiny_
     torch.testing.assert_close(visual.patch_scores, expected, rtol=1e-4, atol=1e-6)
     # the features were computed with the fast kernel, unchanged by the scoring
     assert adapter.model.model.vision_tower.config._attn_implementation == "sdpa"
-    plain, _ = adapter.encode(pixels)
+    plain = adapter.encode(pixels).visual
     torch.testing.assert_close(visual.features, plain.features)
 
 
@@ -67,9 +67,9 @@ def test_pooled_scores_use_the_feature_pooling():
 
 
 def test_full_retention_equals_none(adapter):
-    visual, _ = adapter.encode(torch.randn(2, 3, 384, 384), needs=frozenset({"patch_scores"}))
+    visual = adapter.encode(torch.randn(2, 3, 384, 384), needs=frozenset({"patch_scores"})).visual
     torch.testing.assert_close(methods.build("topk", retention=1.0).compress(visual),
-                               methods.build("none").compress(visual))
+                               methods.build("none").compress(visual).tokens)
 
 
 def test_keeps_k_per_frame_in_original_order():
@@ -86,7 +86,7 @@ def test_keeps_k_per_frame_in_original_order():
 
 def test_patch_keys_and_encoder_hidden_are_the_encoder_s_own(adapter):
     pixels = torch.randn(2, 3, 384, 384)
-    visual, _ = adapter.encode(pixels, needs=frozenset({"patch_scores", "encoder_hidden"}))
+    visual = adapter.encode(pixels, needs=frozenset({"patch_scores", "encoder_hidden"})).visual
     tower = adapter.model.model.vision_tower
     with torch.no_grad():
         states = tower(pixels, output_hidden_states=True).hidden_states
@@ -97,5 +97,5 @@ def test_patch_keys_and_encoder_hidden_are_the_encoder_s_own(adapter):
     heads = layer.self_attn.num_heads
     torch.testing.assert_close(visual.patch_keys, keys.view(2, 729, heads, -1).mean(2), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(visual.encoder_hidden, states[chosen])  # what the projector receives
-    plain, _ = adapter.encode(pixels)
+    plain = adapter.encode(pixels).visual
     assert plain.patch_keys is None and plain.encoder_hidden is None

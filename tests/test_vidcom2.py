@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import methods
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods.base import VisualInput
 from methods.vidcom2 import VidCom2, frame_budgets, gaussian_scores, vidcom2_compress, vidcom2_keep
@@ -258,7 +258,8 @@ def test_the_llm_sees_the_kept_features_at_consecutive_positions(adapter, smoke_
     pixels = clip(adapter, smoke_questions, 4)
     ids, _ = adapter.prompt_ids(QUESTION)
     prompt = adapter.prepare(pixels, VidCom2(retention=0.25), ids)
-    visual, newline = adapter.encode(pixels)
+    encoded = adapter.encode(pixels)
+    visual, newline = encoded.visual, encoded.extras["newline"]
     keep = vidcom2_keep(visual.features, 0.25)
     start, end = prompt.span
     assert end - start == int(keep.sum()) == prompt.run.video_tokens_out

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import methods
-from harness.llava import LlavaOneVision
+from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods.base import VisualInput
 from methods.visionzip import token_split, visionzip_compress
@@ -180,7 +180,7 @@ def test_full_retention_keeps_every_token_dominant_first():
         assert ref.targets[f] == rest and all(m == [] for m in ref.members[f])  # 31 singletons
         assert torch.equal(out[f], features[f, ref.dominant[f] + rest])
     # the same tokens as `none`, reordered (so not `none`'s logits)
-    none = methods.build("none").compress(VisualInput(features, (14, 14)))
+    none = methods.build("none").compress(VisualInput(features, (14, 14))).tokens
     assert torch.equal(out.flatten(0, 1).sort(dim=0).values, none.sort(dim=0).values)
     assert not torch.equal(out.flatten(0, 1), none)
 
@@ -253,7 +253,7 @@ def test_on_the_encoder_s_own_scores_and_keys(adapter, smoke_questions):
     checked = 0
     for clip in sorted((smoke_questions.parent / "videos").glob("clip_*.mp4"))[:6]:
         pixels = preprocess(read_frames(clip, 4), p.size, p.mean, p.std)
-        visual, _ = adapter.encode(pixels, needs=compressor.needs)
+        visual = adapter.encode(pixels, needs=compressor.needs).visual
         out = compressor.compress(visual)
         assert out.shape == (4 * 10, visual.features.shape[2])
         ref = reference_visionzip(visual.features, visual.patch_scores, visual.patch_keys, (14, 14), 0.05)

@@ -16,19 +16,7 @@ from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-
-# The chat template of the llava-hf OneVision processors (Qwen2 ChatML with media first).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% if not loop.first or message['content'] | rejectattr('type', 'equalto', 'text') | list %}{{ '\n' }}{% endif %}"
-    "{{ content['text'] }}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from harness.models.llava_onevision import LlavaOneVision
 
 TINY_SHAPE = dict(
     vision_hidden=32, vision_layers=2, vision_heads=2,
@@ -38,27 +26,6 @@ TINY_SHAPE = dict(
 
 def _recipe(seed: int) -> str:
     return "recipe: " + json.dumps({"shape": TINY_SHAPE, "seed": seed, "version": 3}, sort_keys=True)
-
-
-def _byte_level_tokenizer():
-    """A byte-level BPE without merges: every UTF-8 byte is a token, plus ChatML specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
@@ -74,7 +41,7 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     if directory.exists():  # built by an older recipe (other shape or seed): replace it
         shutil.rmtree(directory)
     tmp = directory.with_name(f"{directory.name}.building-{os.getpid()}")
-    tokenizer = _byte_level_tokenizer()
+    tokenizer = LlavaOneVision.offline_tokenizer()
     s = TINY_SHAPE
     vision = SiglipVisionConfig(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
@@ -108,7 +75,7 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    (tmp / "chat_template.json").write_text(json.dumps({"chat_template": tokenizer.chat_template}))
     (tmp / "preprocessor_config.json").write_text(json.dumps({
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
         "size": {"height": 384, "width": 384}, "rescale_factor": 1 / 255,

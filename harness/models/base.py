@@ -1,0 +1,373 @@
+"""The model-adapter interface: what the runner, the compressors, the feature cache, the bench and
+the FLOPs/retention accounting need from a video LLM, and the flow every family shares.
+
+A family (harness/models/<family>.py) subclasses `VideoLLM` and supplies:
+
+- `family`, `model_class` (the transformers class), `provides` (which of methods.base.VISUAL_NEEDS
+  its vision side can compute) and `config_from_arch` (its config from conf/model `arch`, for
+  random weights);
+- `load_video(path, frames)`: the video read and preprocessed as its processor would (the frame
+  sampling of lmms_eval's model for this family), and `video_tokens(path, frames)`: how many video
+  tokens that video becomes, without encoding it;
+- `encode(pixels, needs, timings) -> Encoded`: the vision side, (F', N, D) tokens on an (h, w) grid
+  per token frame, plus what the prompt needs besides them (`Encoded.extras`);
+- `embed_video(ids, tokens, encoded, full)`: prompt embeddings with the video span placed, and the
+  position ids the family's decoder takes (1-D, or (3, 1, T) for M-RoPE);
+- `llm`: the narrow decoder handle of methods.decoder (prefill and decode run there, shared);
+- `vision_flops(frames, grid)`: analytic FLOPs of its vision encoder on a video of that many token
+  frames of an (h, w) token grid.
+
+Everything else (prepare, prefill, generate, loglikelihood, prompts, timings, fingerprints) is
+here, once. Adding a family is one adapter file plus one conf/model YAML (README, "Adding a model
+family").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from harness.timing import Stopwatch
+from methods import decoder
+from methods.base import Compressor, VideoTokens, VisualInput
+from methods.decoder import LLM
+from methods.flops import LLMShape, first_pruned
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":  # one GPU per process in data-parallel runs
+        from harness.distributed import local_rank
+
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_model_path(path: str) -> None:
+    """A model path is a local directory with config.json, or a hub id ("org/name")."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"model.path={path}: {local.resolve()} has no config.json "
+                                 f"(expected a Hugging Face model directory)")
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelLoadError(f"model.path={path}: no such directory ({local.resolve()}); "
+                             f"expected a local model directory or a hub id like org/name")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ModelLoadError(f"model.path={path}: not a local directory and not in the Hugging "
+                                 f"Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
+                                 f"and HF_HUB_OFFLINE=1 forbids downloading it")
+
+
+def model_fingerprint(directory: Path, dtype: str, device: torch.device) -> str:
+    """Identifies the weights and numerics that produced a feature: config, weight files, dtype."""
+    h = hashlib.sha1((directory / "config.json").read_bytes())
+    marker = directory / "RANDOM_WEIGHTS.json"  # random weights: their seed and architecture
+    if marker.is_file():
+        h.update(marker.read_bytes())
+    for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"{dtype}:{device.type}".encode())
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def preprocessor_config(directory: Path) -> tuple[Path, dict]:
+    """video_preprocessor_config.json (else preprocessor_config.json) of a model directory."""
+    path = directory / "video_preprocessor_config.json"
+    if not path.is_file():
+        path = directory / "preprocessor_config.json"
+    return path, read_json(path) or {}
+
+
+@dataclass
+class VideoPass:
+    """Everything measured while answering one prompt about one video."""
+
+    video_tokens_in: int = 0  # F'*N tokens produced by the vision side
+    video_tokens_out: int = 0  # tokens the LLM's first pruned layer sees
+    text_tokens: int = 0  # prompt tokens that are not video tokens (newline included)
+    frames: int = 0  # token frames F' of the video (Qwen2.5-VL: temporal patches of 2 frames)
+    grid: tuple[int, int] = (0, 0)  # (h, w) token grid of a frame: N = h*w tokens per token frame
+    layer_video_tokens: list[int] = field(default_factory=list)  # video tokens per LLM layer's attention
+    layer_mlp_video_tokens: list[int] = field(default_factory=list)  # ... per layer's MLP (fewer only
+    # where a method acts between a layer's attention and its MLP)
+    decode_video_visible: list[float] = field(default_factory=list)  # per decode step, share of the
+    # cached video entries a decode policy let later layers attend to
+    timings: dict = field(default_factory=dict)  # seconds: vision, compressor, prefill, decode, ttft
+    decode_steps: int = 0  # generated tokens fed back through the LLM
+    vision_cached: bool = False  # features came from the feature cache (vision time is 0)
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class Prompt:
+    """One prompt ready for the LLM: embeddings, position ids, where the video tokens are."""
+
+    embeds: torch.Tensor  # (1, T, D)
+    positions: torch.Tensor  # (1, T), or (3, 1, T) for M-RoPE
+    span: tuple[int, int]  # video tokens at [start, end)
+    run: VideoPass
+    groups: torch.Tensor | None = None  # a group id per video token, from the visual stage
+    video_index: torch.Tensor | None = None  # (V,) index of each video token in the F'*N input
+
+
+@dataclass
+class Encoded:
+    """A video after the vision side: its tokens, what the prompt needs besides them (`extras`:
+    OneVision's newline token; Qwen2.5-VL's temporal position step), what producing them took."""
+
+    visual: VisualInput
+    extras: dict  # name -> tensor, family-specific (saved with the features by the feature cache)
+    timings: dict  # seconds: vision, scoring (patch attention, if computed)
+    cached: bool = False
+
+
+def video_index(tokens) -> torch.Tensor:
+    """(M,) index in the F'*N input of each token a visual stage returned: its kept positions
+    (VideoTokens), else 0..M-1 (tokens at consecutive positions)."""
+    if isinstance(tokens, VideoTokens):
+        return tokens.positions
+    return torch.arange(tokens.shape[0], device=tokens.device)
+
+
+class VideoLLM:
+    """A video LLM behind the harness: a family subclasses it (see the module docstring)."""
+
+    family: ClassVar[str]
+    model_class: ClassVar[str]  # the transformers class name
+    provides: ClassVar[frozenset[str]] = frozenset()  # VISUAL_NEEDS its vision side computes
+    tokens_after_video: ClassVar[int] = 0  # tokens the prompt gets after the video tokens, in the
+    # placeholder's place (OneVision: its newline)
+
+    def __init__(self, path: str, *, dtype: str = "float32", device: str = "auto",
+                 attn_implementation: str = "sdpa"):
+        import transformers
+        from transformers import AutoTokenizer
+
+        from harness.models.random_weights import random_seed, random_weights
+
+        check_model_path(path)
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"model.dtype={dtype}: expected one of {', '.join(DTYPES)}")
+        self.device = resolve_device(device)
+        directory = Path(path).expanduser()
+        model_type = (read_json(directory / "config.json") or {}).get("model_type")
+        expected = getattr(transformers, self.model_class).config_class.model_type
+        if model_type is not None and model_type != expected:
+            raise ModelLoadError(f"model.path={path}: its config.json has model_type {model_type!r}; "
+                                 f"the {self.family} adapter expects {expected!r} (model.family)")
+        cls = getattr(transformers, self.model_class)
+        seed = random_seed(directory)
+        if seed is None:
+            self.model = cls.from_pretrained(path, dtype=DTYPES[dtype],
+                                             attn_implementation=attn_implementation).to(self.device).eval()
+        else:  # a random-weight architecture: initialised here, in place, in the target dtype
+            self.model = random_weights(cls, directory, seed, DTYPES[dtype], self.device, attn_implementation)
+        self.random_weights = seed is not None
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if not directory.is_dir():  # a hub id: read the small files from the local cache
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(path, allow_patterns=["*.json", "*.jinja"]))
+        self.directory = directory
+        self.config = self.model.config
+        self.chat_template = self._chat_template(directory)
+        self.video_token_id = self.config.video_token_id
+        self.stop_ids = {i for i in (self.tokenizer.eos_token_id, self.config.text_config.eos_token_id)
+                         if i is not None}
+        self.stopwatch = Stopwatch(self.device)
+        self.fingerprint = model_fingerprint(directory, dtype, self.device)
+
+    # ---- what a family supplies -------------------------------------------------------------------
+    @classmethod
+    def config_from_arch(cls, arch: dict, tokenizer):
+        """The transformers config of `arch` (conf/model `arch`), with `tokenizer`'s special ids."""
+        raise NotImplementedError
+
+    def load_video(self, path: str, frames: int):
+        """The encoder's input for the video at `path`, `frames` frames sampled (harness.video)."""
+        raise NotImplementedError
+
+    def video_tokens(self, path: str, frames: int) -> int:
+        """F'*N: the video tokens that video becomes, without encoding it."""
+        raise NotImplementedError
+
+    def encode(self, pixels, needs: frozenset = frozenset(), timings: dict | None = None) -> Encoded:
+        raise NotImplementedError
+
+    def embed_video(self, ids: list[int], tokens, encoded: Encoded, full_video: int):
+        """(embeds (1, T, D), positions, (start, end) of the video tokens) for prompt `ids`."""
+        raise NotImplementedError
+
+    @property
+    def llm(self) -> LLM:
+        raise NotImplementedError
+
+    def vision_flops(self, frames: int, grid: tuple[int, int]) -> float:
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------------------------
+    @property
+    def llm_shape(self) -> LLMShape:
+        return LLMShape.of(self.config.text_config)
+
+    def _chat_template(self, directory: Path) -> str:
+        processor = read_json(directory / "chat_template.json")
+        if processor and processor.get("chat_template"):
+            return processor["chat_template"]
+        if (directory / "chat_template.jinja").is_file():
+            return (directory / "chat_template.jinja").read_text()
+        if self.tokenizer.chat_template:
+            return self.tokenizer.chat_template
+        raise ModelLoadError(f"{directory}: no chat template (chat_template.json/.jinja or tokenizer)")
+
+    def prompt_ids(self, question: str, answer: str | None = None) -> tuple[list[int], int]:
+        """Token ids of the chat prompt holding one video placeholder, and the answer's length."""
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        prompt = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        if ids.count(self.video_token_id) != 1:
+            raise ValueError(f"the prompt must hold exactly one video token, found "
+                             f"{ids.count(self.video_token_id)} in {prompt!r}")
+        if answer is None:
+            return ids, 0
+        answer_ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+        return ids + answer_ids, len(answer_ids)
+
+    def text_tokens(self, ids: list[int]) -> int:
+        """The prompt's tokens other than video tokens once its placeholder is replaced."""
+        return len(ids) - 1 + self.tokens_after_video
+
+    @torch.inference_mode()
+    def encode_video(self, pixels, needs: frozenset = frozenset()) -> Encoded:
+        """The timed vision side of one video (and what `needs` asks for)."""
+        missing = set(needs) - self.provides
+        if missing:
+            raise ValueError(f"the {self.family} vision side does not compute {', '.join(sorted(missing))}")
+        timings = {}
+        with self.stopwatch("vision", timings):
+            encoded = self.encode(pixels, needs, timings)
+        # scoring patches is the compressor's work, even though it runs inside the encoder
+        timings["vision"] -= timings.get("scoring", 0.0)
+        encoded.timings = timings
+        return encoded
+
+    @torch.inference_mode()
+    def prepare(self, video, compressor: Compressor, ids: list[int]) -> Prompt:
+        """Vision encoder (unless `video` is already `Encoded`) + the compressor's visual stage; the
+        LLM's input embeddings, their positions, the video span and the measurements."""
+        if not isinstance(video, Encoded):
+            video = self.encode_video(video, compressor.needs)
+        visual = video.visual
+        run = VideoPass(vision_cached=video.cached, frames=visual.features.shape[0], grid=tuple(visual.grid))
+        run.timings["vision"] = video.timings.get("vision", 0.0)
+        run.timings["compressor"] = video.timings.get("scoring", 0.0)
+        full = visual.features.shape[0] * visual.features.shape[1]
+        if compressor.has("visual"):
+            with self.stopwatch("compressor", run.timings):
+                tokens = compressor.compress(visual)
+        else:  # every token at its own position
+            tokens = VideoTokens(visual.features.flatten(0, 1), torch.arange(full, device=visual.features.device))
+        embeds, positions, span = self.embed_video(ids, tokens, video, full)
+        run.video_tokens_in, run.video_tokens_out = full, span[1] - span[0]
+        run.text_tokens = embeds.shape[1] - run.video_tokens_out
+        return Prompt(embeds, positions, span, run, getattr(tokens, "groups", None),
+                      video_index(tokens).to(self.device))
+
+    def prefill(self, prompt: Prompt, compressor: Compressor, use_cache: bool, logits_to_keep: int = 0):
+        """The LLM prefill through the shared driver, with the compressor's prefill policy if any."""
+        llm = self.llm
+        policy = compressor.prefill_policy(llm.shape) if compressor.has("prefill") else None
+        out = decoder.prefill(llm, prompt.embeds, prompt.positions, prompt.span, policy,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep,
+                              timer=lambda: self.stopwatch("compressor", prompt.run.timings),
+                              video_groups=prompt.groups, video_index=prompt.video_index,
+                              frame_tokens=prompt.run.frame_tokens)
+        prompt.run.layer_video_tokens = out.layer_video_tokens
+        prompt.run.layer_mlp_video_tokens = out.layer_mlp_video_tokens
+        prompt.run.video_tokens_out = first_pruned(out.layer_video_tokens)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, video, question: str, compressor: Compressor, max_new_tokens: int,
+                 until: list[str] = ()):
+        """Greedy answer to `question` about the video; returns (text, VideoPass).
+
+        Timings: vision, compressor, prefill, decode, and ttft (from the call to the first token,
+        the vision encoder included unless the video came encoded)."""
+        ttft = {}
+        with self.stopwatch("ttft", ttft):
+            ids, _ = self.prompt_ids(question)
+            prompt = self.prepare(video, compressor, ids)
+            run, llm = prompt.run, self.llm
+            with self.stopwatch("prefill", run.timings):
+                out = self.prefill(prompt, compressor, use_cache=True, logits_to_keep=1)
+                next_id = out.logits[0, -1].argmax()
+        run.timings["ttft"] = ttft["ttft"]
+        policy = compressor.decode_policy(llm.shape) if compressor.has("decode") else None
+        generated = []
+        with self.stopwatch("decode", run.timings):
+            for _ in range(max_new_tokens):
+                token = int(next_id)
+                if token in self.stop_ids:
+                    break
+                generated.append(token)
+                if len(generated) == max_new_tokens or _stops(self.tokenizer.decode(generated), until):
+                    break
+                logits = decoder.decode(llm, out.state, next_id.view(1, 1), policy,
+                                        timer=lambda: self.stopwatch("compressor", run.timings))
+                run.decode_steps += 1
+                next_id = logits[0, -1].argmax()
+        run.decode_video_visible = [float(v) for v in out.state.decode_video_visible]
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        for stop in until:
+            if stop and stop in text:
+                text = text.split(stop)[0]
+        return text, run
+
+    @torch.inference_mode()
+    def loglikelihood(self, video, question: str, answer: str, compressor: Compressor):
+        """(sum log p(answer | prompt), whether greedy decoding gives the answer, VideoPass)."""
+        ttft = {}
+        with self.stopwatch("ttft", ttft):
+            ids, n_answer = self.prompt_ids(question, answer)
+            prompt = self.prepare(video, compressor, ids)
+            with self.stopwatch("prefill", prompt.run.timings):
+                logits = self.prefill(prompt, compressor, use_cache=False).logits[0].float()
+        prompt.run.timings["ttft"] = ttft["ttft"]
+        targets = torch.tensor(ids[-n_answer:], device=logits.device)
+        rows = logits[-n_answer - 1:-1].log_softmax(-1)
+        logprob = rows.gather(1, targets[:, None]).sum().item()
+        greedy = bool((rows.argmax(-1) == targets).all())
+        prompt.run.timings.setdefault("decode", 0.0)
+        return logprob, greedy, prompt.run
+
+
+def _stops(text: str, until) -> bool:
+    return any(stop and stop in text for stop in until)
