@@ -141,7 +141,7 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: d
     reference = find_reference_run(cfg, Path(cfg.results_dir), run_dir.path)
     return {
         "run_id": run_dir.path.name, "task": cfg.task.name, "task_label": cfg.task.label,
-        "lmms_task": task, "model": cfg.model.name, "model_path": cfg.model.path,
+        "lmms_task": task, "model": cfg.model.name, "family": cfg.model.family, "model_path": cfg.model.path,
         "smoke": bool(cfg.model.smoke or cfg.task.smoke), "frames": cfg.model.frames,
         "limit": cfg.task.limit, "method": choice.title, "knobs": knobs, "label": choice.label,
         "method_notes": notes or {},

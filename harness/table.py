@@ -1,6 +1,7 @@
 """Paper-style result tables from run directories: Markdown, LaTeX (booktabs) and CSV.
 
-Rows are method x setting (the `none` row on top), columns are benchmarks and their average, plus the
+Rows are model family x model x method x setting (each model's `none` row on top), columns are
+benchmarks and their average, plus the
 achieved retention and FLOPs ratio; each score also shows its delta to `none`. Missing cells stay
 visibly missing ("–"), never zero.
 
@@ -52,6 +53,7 @@ def frame(summaries: list[dict]) -> pd.DataFrame:
         ret = s["retention"]
         rows.append({
             "method": s["method"], "setting": s["label"] or "", "model": s["model"],
+            "family": s.get("family", "llava_onevision"),  # summaries from before model families
             "benchmark": s["task_label"], "score": s["score"],
             "ci_low": (s.get("score_ci95") or [None, None])[0],
             "ci_high": (s.get("score_ci95") or [None, None])[1],
@@ -66,29 +68,29 @@ def frame(summaries: list[dict]) -> pd.DataFrame:
 def paper_table(df: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
     """Rows = method x setting (none first), columns = benchmarks, Avg., Retention, FLOPs."""
     benchmarks = sorted(df["benchmark"].unique())
-    keys = ["model", "method", "setting"]
+    keys = ["family", "model", "method", "setting"]
     scores = df.pivot_table(index=keys, columns="benchmark", values="score", aggfunc="first")
     scores = scores.reindex(columns=benchmarks)
     avg = scores.mean(axis=1, skipna=False)  # an average over a missing benchmark is missing
     meta = df.groupby(keys).agg(rho_tok=("rho_tok", "mean"), rho_flops=("rho_flops", "mean"),
                                 agreement=("agreement", "mean"), failed=("failed", "sum"))
-    order = sorted(scores.index, key=lambda k: (k[0], k[1] != "none", -(meta.loc[k, "rho_tok"] or 0), k))
-    none_rows = {k[0]: scores.loc[k] for k in scores.index if k[1] == "none"}
-    none_avg = {k[0]: avg.loc[k] for k in scores.index if k[1] == "none"}
+    order = sorted(scores.index, key=lambda k: (k[:2], k[2] != "none", -(meta.loc[k, "rho_tok"] or 0), k))
+    none_rows = {k[:2]: scores.loc[k] for k in scores.index if k[2] == "none"}
+    none_avg = {k[:2]: avg.loc[k] for k in scores.index if k[2] == "none"}
     cis = df.set_index(keys + ["benchmark"])[["ci_low", "ci_high"]]
     out = []
     for key in order:
-        model, method, setting = key
-        row = {"Model": model, "Method": method + (f" ({setting})" if setting else ""),
+        family, model, method, setting = key
+        row = {"Family": family, "Model": model, "Method": method + (f" ({setting})" if setting else ""),
                "Retention": _pct(meta.loc[key, "rho_tok"]), "FLOPs": _pct(meta.loc[key, "rho_flops"])}
         for b in benchmarks:
-            cell = _cell(scores.loc[key, b], none_rows.get(model, {}).get(b), method == "none")
+            cell = _cell(scores.loc[key, b], none_rows.get((family, model), {}).get(b), method == "none")
             if ci and (key + (b,)) in cis.index and pd.notna(cis.loc[key + (b,), "ci_low"]):
                 cell += f" [{cis.loc[key + (b,), 'ci_low']:.1f}, {cis.loc[key + (b,), 'ci_high']:.1f}]"
             failed = df[(df.model == model) & (df.method == method) & (df.setting == setting)
                         & (df.benchmark == b)]["failed"].sum()
             row[b] = cell + ("*" if failed else "")
-        row["Avg."] = _cell(avg.loc[key], none_avg.get(model), method == "none")
+        row["Avg."] = _cell(avg.loc[key], none_avg.get((family, model)), method == "none")
         row["Agree"] = _pct(meta.loc[key, "agreement"])
         out.append(row)
     return pd.DataFrame(out)

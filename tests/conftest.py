@@ -48,3 +48,30 @@ def cfg_factory(tmp_path, cache_dir, tiny_model_dir, smoke_questions):
     def factory(*overrides):
         return make_cfg(*overrides, results_dir=tmp_path / "results", cache_dir=cache_dir)
     return factory
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(cache_dir) -> Path:
+    """The small random Qwen2.5-VL of conf/model/qwen2_5_vl_small.yaml (seeded weights, built in place)."""
+    import yaml
+
+    from harness.models.random_weights import random_model_dir
+
+    arch = yaml.safe_load((CONF / "model" / "qwen2_5_vl_small.yaml").read_text())["arch"]
+    return random_model_dir(cache_dir / "models", "qwen2_5_vl_small", arch, seed=0, family="qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_model_dir):
+    """The small Qwen2.5-VL's adapter, shared by every test of the session (float32, CPU)."""
+    from harness.models.qwen2_5_vl import Qwen2_5_VL
+
+    return Qwen2_5_VL(str(qwen_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_model_dir):
+    """The tiny LLaVA-OneVision's adapter, shared by the tests that run both families."""
+    from harness.models.llava_onevision import LlavaOneVision
+
+    return LlavaOneVision(str(tiny_model_dir), device="cpu")

@@ -38,10 +38,11 @@ def random_model_dir(root: str | Path, name: str, arch: dict, seed: int,
     directory = Path(root) / f"random-{name}-{digest(recipe)[:10]}"
     if (directory / MARKER).is_file():
         return directory
+    tokenizer = adapter.offline_tokenizer()
+    config = adapter.config_from_arch(arch, tokenizer)  # a shape the config rejects fails here
     tmp = directory.with_name(f"{directory.name}.building-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer = adapter.offline_tokenizer()
-    adapter.config_from_arch(arch, tokenizer).save_pretrained(tmp)
+    config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "chat_template.json").write_text(json.dumps({"chat_template": tokenizer.chat_template}))
     (tmp / "preprocessor_config.json").write_text(json.dumps(adapter.OFFLINE_PREPROCESSOR))

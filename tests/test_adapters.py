@@ -1,0 +1,128 @@
+"""The model-adapter interface (harness/models/base.py), exercised by both families with the same
+tests: the tiny LLaVA-OneVision and the small random Qwen2.5-VL (conf/model/qwen2_5_vl_small.yaml).
+
+For each: `none` through the shared decoder driver equals calling the stock transformers model
+directly (exactly, float32), cached decoding follows the full recompute, the log-likelihood is the
+stock model's, the feature cache returns what the encoder gave, and every method runs.
+"""
+
+import pytest
+import torch
+
+import methods
+from harness.feature_cache import FeatureCache, encode_file
+from harness.models import FAMILIES, adapter_class
+from methods import decoder
+
+QUESTION = "What colour is the moving square?\nA. red\nB. blue"
+FRAMES = 4
+
+
+@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl"])
+def family(request, tiny_llava, qwen, smoke_questions):
+    adapter = {"llava_onevision": tiny_llava, "qwen2_5_vl": qwen}[request.param]
+    path = str(smoke_questions.parent / "videos" / "clip_003.mp4")
+    return request.param, adapter, path, adapter.load_video(path, FRAMES)
+
+
+def stock_inputs(name, adapter, ids, video):
+    """The stock model's own inputs for prompt `ids` about `video`: the placeholder expanded to one
+    token per video token (and OneVision's newline), the pixels in the processor's layout."""
+    where = ids.index(adapter.video_token_id)
+    if name == "llava_onevision":
+        n = video.shape[0] * adapter.tokens_per_frame + 1  # + the newline
+        full = torch.tensor([ids[:where] + [adapter.video_token_id] * n + ids[where + 1:]])
+        return {"input_ids": full, "pixel_values_videos": video[None]}
+    t, gh, gw = video.grid_thw
+    n = t * gh * gw // 4
+    full = torch.tensor([ids[:where] + [adapter.video_token_id] * n + ids[where + 1:]])
+    return {"input_ids": full, "pixel_values_videos": video.pixels, "video_grid_thw": torch.tensor([video.grid_thw]),
+            "second_per_grid_ts": torch.tensor([video.second_per_grid]),
+            "mm_token_type_ids": (full == adapter.video_token_id).int() * 2}
+
+
+def test_families_are_registered_with_their_classes():
+    for name in FAMILIES:
+        cls = adapter_class(name)
+        assert cls.family == name
+    with pytest.raises(ValueError, match="model.family='llava'"):
+        adapter_class("llava")
+
+
+def test_none_equals_the_stock_model(family):
+    name, adapter, _, video = family
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(video, none, ids)
+    ours = adapter.prefill(prompt, none, use_cache=False).logits
+    with torch.no_grad():
+        stock = adapter.model(**stock_inputs(name, adapter, ids, video)).logits
+    assert ours.shape == stock.shape
+    torch.testing.assert_close(ours, stock, rtol=0, atol=0)
+    assert prompt.run.video_tokens_in == prompt.run.video_tokens_out == prompt.run.frames * prompt.run.frame_tokens
+
+
+def test_cached_decoding_follows_the_full_recompute(family):
+    name, adapter, _, video = family
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    inputs = stock_inputs(name, adapter, ids, video)
+    prompt = adapter.prepare(video, none, ids)
+    out = adapter.prefill(prompt, none, use_cache=True)
+    token = out.logits[0, -1].argmax().view(1, 1)
+    for _ in range(3):
+        step = decoder.decode(adapter.llm, out.state, token)[0, -1]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], token], 1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(token).int()], 1)
+        with torch.no_grad():
+            full = adapter.model(**inputs).logits[0, -1]
+        torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)  # the cache sums in another order
+        token = full.argmax().view(1, 1)
+
+
+def test_loglikelihood_is_the_stock_models(family):
+    name, adapter, _, video = family
+    logprob, greedy, run = adapter.loglikelihood(video, QUESTION, "AB", methods.build("none"))
+    ids, n = adapter.prompt_ids(QUESTION, "AB")
+    inputs = stock_inputs(name, adapter, ids, video)
+    with torch.no_grad():
+        logp = adapter.model(**inputs).logits[0].log_softmax(-1)
+    full = inputs["input_ids"][0]
+    expected = sum(logp[len(full) - n - 1 + i, full[len(full) - n + i]].item() for i in range(n))
+    assert logprob == pytest.approx(expected, rel=1e-5)
+    assert run.text_tokens == adapter.text_tokens(ids)
+
+
+def test_feature_cache_returns_what_the_encoder_gave(family, tmp_path):
+    _, adapter, path, _ = family
+    cache = FeatureCache(tmp_path, adapter.fingerprint)
+    needs = frozenset({"patch_scores"})
+    first = encode_file(adapter, path, FRAMES, needs, cache)
+    again = encode_file(adapter, path, FRAMES, needs, cache)
+    assert again.cached and not first.cached
+    for field in ("features", "patch_scores", "patch_keys"):
+        assert torch.equal(getattr(again.visual, field), getattr(first.visual, field))
+    assert again.visual.grid == first.visual.grid and again.visual.patch_grid == first.visual.patch_grid
+    assert again.extras.keys() == first.extras.keys()
+    assert all(torch.equal(again.extras[k], first.extras[k]) for k in first.extras)
+    assert adapter.video_tokens(path, FRAMES) == first.visual.features.shape[0] * first.visual.features.shape[1]
+
+
+# knobs that make each method do its work on a short clip of the small models
+KNOBS = {"framefusion": {"cost": 0.7}, "prunevid": {"tau": 1.0}}
+
+
+@pytest.mark.parametrize("name", [n for n in methods.known() if n != "pipeline"] + ["pipeline"])
+def test_every_method_runs(family, name):
+    _, adapter, _, video = family
+    knobs = {"stages": ["visionzip", "fastv"]} if name == "pipeline" else KNOBS.get(name, {})
+    compressor = methods.build(name, **knobs)
+    encoded = adapter.encode_video(video, compressor.needs)
+    text, run = adapter.generate(encoded, QUESTION, compressor, max_new_tokens=3)
+    assert isinstance(text, str)
+    full = encoded.visual.features.shape[0] * encoded.visual.features.shape[1]
+    assert run.video_tokens_in == full and 0 < run.video_tokens_out <= full
+    assert len(run.layer_video_tokens) == adapter.llm_shape.layers
+    if name != "none":
+        assert run.video_tokens_out < full or min(run.layer_video_tokens) < full or run.decode_video_visible
