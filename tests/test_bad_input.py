@@ -28,6 +28,9 @@ from tests.test_end_to_end import harness, only_run_dir
     ("+method=scissor tau=2", "scissor.tau=2.0: expected a value in [-1.0, 1.0]"),
     ("+method=uniform retention=1.5", "uniform.retention=1.5: expected a value in (0, 1]"),
     ("tau=0.9", "tau=0.9: method none has no knob tau"),
+    ("model.family=llava", "model.family='llava': expected one of llava_onevision, qwen2_5_vl"),
+    ("model=qwen2_5_vl_small model.build_tiny=true",
+     "model.build_tiny=true builds the embedded LLaVA-OneVision smoke model: expected model.family=llava_onevision"),
 ])
 def test_every_ranged_field_is_checked_before_anything_loads(cfg_factory, override, message, monkeypatch):
     import harness.run as run_module
@@ -55,6 +58,24 @@ def test_method_knobs_are_checked_before_the_model_loads(cfg_factory, override, 
     monkeypatch.setattr(llava.LlavaOneVision, "__init__", no_model)
     with pytest.raises(ConfigError, match=re.escape(message)):
         run(cfg_factory("+method=fastv", override))
+
+
+def test_a_method_needing_inputs_the_family_lacks_is_refused_before_loading(cfg_factory, tmp_path, monkeypatch):
+    """FastVID's SigLIP head reads SigLIP's encoder states (encoder_hidden): not defined for Qwen2.5-VL."""
+    import harness.run as run_module
+    from tests.test_fastvid import random_siglip
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the task or model was loaded before the method was checked against the family")
+
+    monkeypatch.setattr(run_module, "load_tasks", no_loading)
+    monkeypatch.setattr(run_module, "prepare_model", no_loading)
+    path = tmp_path / "siglip32"
+    random_siglip(hidden=32, heads=2, seed=3).save_pretrained(path)
+    message = ("method fastvid needs encoder_hidden from the vision encoder, which model.family=qwen2_5_vl "
+               "does not provide: the method is not defined for this family")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(cfg_factory("model=qwen2_5_vl_small", "+method=fastvid", f"method.siglip_path={path}"))
 
 
 @pytest.mark.integration

@@ -54,6 +54,21 @@ def test_literal_command_writes_the_run(tmp_path, cache_dir, tiny_model_dir, smo
     assert {"harness_git", "torch", "transformers", "lmms_eval"} <= set(versions)
 
 
+def test_qwen2_5_vl_runs_end_to_end_and_its_rows_name_the_family(tmp_path, cache_dir, smoke_questions):
+    """The small random Qwen2.5-VL through the literal CLI: a visual-stage and an LLM-stage method."""
+    results = tmp_path / "results"
+    proc = harness("-m", "model=qwen2_5_vl_small", "+method=none,fastv", "task.limit=2",
+                   results=results, cache=cache_dir)
+    summaries = [json.loads(p.read_text()) for p in results.glob("*/summary.json")]
+    assert sorted(s["method"] for s in summaries) == ["fastv", "none"]
+    assert all(s["family"] == "qwen2_5_vl" and s["n_failed"] == 0 for s in summaries)
+    fastv = next(s for s in summaries if s["method"] == "fastv")
+    assert 0 < fastv["retention"]["rho_tok"]["mean"] < 1
+    table = next(results.glob("sweeps/**/table.md")).read_text()
+    assert "| Family " in table and "qwen2_5_vl" in table and "qwen2_5_vl_small" in table
+    assert "qwen2_5_vl_small | fastv" in proc.stdout
+
+
 def test_multirun_writes_the_table(tmp_path, cache_dir, tiny_model_dir, smoke_questions):
     results = tmp_path / "results"
     proc = harness("-m", "+method=uniform", "retention=0.5,0.25", "task.limit=4",
