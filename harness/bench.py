@@ -278,12 +278,11 @@ def compressors_only(specs: list[str], retentions: list[float] | None, shape: tu
 
 def load_model(overrides: list[str], model_path: str | None, dtype: str | None, device: str):
     """The adapter for `--model PATH`, or for the Hydra model config the overrides select."""
-    from harness.models import adapter_class
+    from harness.models import adapter_class, family_of
 
     if model_path is not None:
-        family = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.family=")),
-                      "llava_onevision")
-        return adapter_class(family)(model_path, dtype=dtype or "float32", device=device), Path(model_path).name
+        return (adapter_class(family_of(model_path))(model_path, dtype=dtype or "float32", device=device),
+                Path(model_path).name)
     from hydra import compose, initialize_config_dir
 
     import harness.config  # noqa: F401  (schemas and resolvers)

@@ -46,8 +46,9 @@ class VTCModel(lmms):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VTCModel":
         """Build from lmms_eval's own CLI: `python -m lmms_eval --model vtc --model_args
-        pretrained=PATH,method=scissor,tau=0.9[,family=llava_onevision,frames=32,dtype=bfloat16,
-        device=cuda,max_new_tokens=16,output=DIR,seed=0] --tasks ...`.
+        pretrained=PATH,method=scissor,tau=0.9[,family=qwen2_5_vl,frames=32,dtype=bfloat16,
+        device=cuda,max_new_tokens=16,output=DIR,seed=0] --tasks ...` (family: default from the
+        checkpoint's config.json).
 
         Every other key is a knob of the method. Per-sample records go to `output` (default
         results/lmms_eval/<model>-<method>-<hash>, resumed like a harness run); retention targets
@@ -70,9 +71,9 @@ class VTCModel(lmms):
         compressor = methods.build(name, **args)
         compressor.seed = int(options.get("seed", 0))
         device = str(options.get("device") or extra.get("device") or "auto")
-        from harness.models import adapter_class
+        from harness.models import adapter_class, family_of
 
-        family = str(options.get("family", "llava_onevision"))
+        family = str(options.get("family") or family_of(str(options["pretrained"])))
         missing = set(compressor.needs) - adapter_class(family).provides
         if missing:
             raise ValueError(f"method {name} needs {', '.join(sorted(missing))}, which the {family} "

@@ -77,10 +77,18 @@ def read_model_config(path: str) -> dict | None:
     except json.JSONDecodeError as err:
         raise ConfigError(f"model.path={path}: {config} is not valid JSON (line {err.lineno}, column "
                           f"{err.colno}: {err.msg}); expected a Hugging Face model config") from None
-    if not isinstance(data, dict) or not isinstance(data.get("text_config"), dict):
+    if not isinstance(data, dict) or not isinstance(text_config(data), dict):
         raise ConfigError(f"model.path={path}: {config} has no text_config: expected a video LLM's "
                           "config (model_type llava_onevision or qwen2_5_vl)")
     return data
+
+
+def text_config(config: dict) -> dict | None:
+    """The LLM's fields of a config.json: its text_config, or the top level of a flat one (the
+    published Qwen2.5-VL checkpoints keep the decoder's fields there)."""
+    if isinstance(config.get("text_config"), dict):
+        return config["text_config"]
+    return config if "num_hidden_layers" in config and "hidden_size" in config else None
 
 
 def check_method_fits(compressor, config: dict | None) -> None:
@@ -90,7 +98,7 @@ def check_method_fits(compressor, config: dict | None) -> None:
         return
     from methods.flops import LLMShape
 
-    text = config["text_config"]
+    text = text_config(config)
     try:
         shape = LLMShape(text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"])
     except KeyError as err:

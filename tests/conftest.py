@@ -36,6 +36,23 @@ def smoke_questions(cache_dir) -> Path:
     return generate(cache_dir / "data" / "vtc_smoke")
 
 
+def write_natural_video(path: Path, width: int, height: int, frames: int, fps: int = 8, seed: int = 0) -> Path:
+    """An mp4 with gradients, a moving hard-edged block and noise (where resampling matters)."""
+    import numpy as np
+
+    from harness.smoke_data import write_mp4
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    clip = []
+    for t in range(frames):
+        base = np.stack([(x * 255 / (width - 1)), (y * 255 / (height - 1)), ((x + y + 20 * t) % 256)], -1)
+        base[height // 4:height // 2, width // 4 + 5 * t:width // 2 + 5 * t] = [250, 20, 30]
+        clip.append(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
+    write_mp4(path, np.stack(clip), fps=fps)
+    return path
+
+
 def make_cfg(*overrides: str, results_dir: Path, cache_dir: Path):
     """The composed config, as `python -m harness <overrides>` would see it."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

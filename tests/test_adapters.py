@@ -11,7 +11,7 @@ import torch
 
 import methods
 from harness.feature_cache import FeatureCache, encode_file
-from harness.models import FAMILIES, adapter_class
+from harness.models import FAMILIES, adapter_class, family_of
 from methods import decoder
 
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
@@ -41,12 +41,24 @@ def stock_inputs(name, adapter, ids, video):
             "mm_token_type_ids": (full == adapter.video_token_id).int() * 2}
 
 
-def test_families_are_registered_with_their_classes():
+def test_families_are_registered_and_known_from_a_checkpoint(tiny_model_dir, qwen_model_dir, tmp_path):
     for name in FAMILIES:
-        cls = adapter_class(name)
-        assert cls.family == name
+        assert adapter_class(name).family == name
     with pytest.raises(ValueError, match="model.family='llava'"):
         adapter_class("llava")
+    assert family_of(str(tiny_model_dir)) == "llava_onevision"
+    assert family_of(str(qwen_model_dir)) == "qwen2_5_vl"
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="model_type 'llama'.* names none of the families"):
+        family_of(str(tmp_path))
+
+
+def test_a_checkpoint_of_another_family_is_refused_before_its_weights_load(qwen_model_dir):
+    from harness.models.base import ModelLoadError
+    from harness.models.llava_onevision import LlavaOneVision
+
+    with pytest.raises(ModelLoadError, match="model_type 'qwen2_5_vl'; the llava_onevision adapter expects"):
+        LlavaOneVision(str(qwen_model_dir), device="cpu")
 
 
 def test_none_equals_the_stock_model(family):

@@ -19,8 +19,8 @@ import torch
 
 from harness.models.base import ModelLoadError
 from harness.models.llava_onevision import Preprocessing
-from harness.smoke_data import write_mp4
 from harness.video import VideoError, preprocess, read_frames, uniform_indices
+from tests.conftest import write_natural_video
 
 TOLERANCE = 1e-6  # max abs difference after normalisation (float32 rounding of the fused affine)
 
@@ -46,16 +46,7 @@ def processor_steps(frames: np.ndarray, config: dict) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def natural_video(tmp_path_factory):
     """A 320x240 mp4 with gradients, edges and noise (resampling matters), 12 frames."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:240, 0:320]
-    frames = []
-    for t in range(12):
-        base = np.stack([(x * 255 / 319), (y * 255 / 239), ((x + y + 20 * t) % 256)], -1)
-        base[60:120, 80 + 5 * t:160 + 5 * t] = [250, 20, 30]  # a moving hard-edged block
-        frames.append(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
-    path = tmp_path_factory.mktemp("video") / "natural.mp4"
-    write_mp4(path, np.stack(frames))
-    return path
+    return write_natural_video(tmp_path_factory.mktemp("video") / "natural.mp4", 320, 240, 12)
 
 
 CONFIGS = {

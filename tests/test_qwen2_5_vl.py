@@ -19,10 +19,10 @@ import torch
 
 import methods
 from harness.models.qwen2_5_vl_video import LMMS_MAX_PIXELS, LMMS_MIN_PIXELS, frame_indices, load_qwen_video
-from harness.smoke_data import write_mp4
 from methods import decoder
 from methods.base import VideoTokens
 from methods.decoder import Keep
+from tests.conftest import write_natural_video
 
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 TOLERANCE = 0.0  # max abs difference of the patches: the same float32 operations in the same order
@@ -108,16 +108,7 @@ def stock_pipeline(path, max_num_frames, qwen_vl_utils, processor, pre):
 @pytest.fixture(scope="module")
 def odd_video(tmp_path_factory):
     """A 200x120 clip (not a multiple of 28, landscape), 30 frames at 10 fps: odd frame counts."""
-    rng = np.random.default_rng(1)
-    y, x = np.mgrid[0:120, 0:200]
-    frames = []
-    for t in range(30):
-        base = np.stack([(x * 255 / 199), (y * 255 / 119), ((x + 3 * y + 9 * t) % 256)], -1)
-        base[30:70, 20 + 4 * t:60 + 4 * t] = [240, 30, 30]
-        frames.append(np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8))
-    path = tmp_path_factory.mktemp("video") / "odd.mp4"
-    write_mp4(path, np.stack(frames), fps=10)
-    return path
+    return write_natural_video(tmp_path_factory.mktemp("video") / "odd.mp4", 200, 120, 30, fps=10, seed=1)
 
 
 @pytest.mark.parametrize("frames", [4, 5, 32])
@@ -261,3 +252,19 @@ def test_random_weights_build_the_published_shapes(tmp_path):
     arch["text_config"]["mrope_section"] = [16, 24, 16]
     with pytest.raises(ValueError, match="mrope_section"):
         random_model_dir(tmp_path, "bad", arch, 0, family="qwen2_5_vl")
+
+
+def test_a_published_flat_config_is_checked_before_loading(tmp_path):
+    """Qwen/Qwen2.5-VL-*-Instruct keep the decoder's fields at the top of config.json."""
+    import json
+
+    from harness.errors import ConfigError
+    from harness.validate import check_method_fits, read_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen2_5_vl", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+        "vision_config": {"depth": 32, "out_hidden_size": 2048}}))
+    config = read_model_config(str(tmp_path))
+    check_method_fits(methods.build("fastv", K=35), config)
+    with pytest.raises(ConfigError, match="fastv.K=36: expected K < 36"):
+        check_method_fits(methods.build("fastv", K=36), config)

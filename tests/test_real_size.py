@@ -1,9 +1,12 @@
-"""Every method at real dimensions: one sample through LLaVA-OneVision-0.5B's full architecture and
-through 7B's widths (D = 3584, 28 query / 4 key-value heads, SigLIP-so400m), with random weights.
+"""Every method at real dimensions: one sample through LLaVA-OneVision-0.5B's full architecture,
+through its 7B's widths (D = 3584, 28 query / 4 key-value heads, SigLIP-so400m) and through
+Qwen2.5-VL-3B's widths (D = 2048, 16 query / 2 key-value heads, M-RoPE sections 16/24/24, the
+1280-wide ViT), with random weights.
 
-The shapes are the published ones from conf/model/*.yaml; the 7B check keeps its widths and head
-counts but only 4 decoder layers and 1 encoder layer, so it fits a CI machine. A shape bug at real
-size (a hard-coded width, head count, grouped-query ratio or vocabulary) fails here.
+The shapes are the published ones from conf/model/*.yaml; the 7B and 3B checks keep their widths and
+head counts but only 4 decoder layers and 1 encoder layer (Qwen2.5-VL's a full-attention one), so
+they fit a CI machine. A shape bug at real size (a hard-coded width, head count, grouped-query ratio
+or vocabulary) fails here.
 """
 
 import pytest
@@ -11,9 +14,9 @@ import torch
 import yaml
 
 import methods
+from harness.models import adapter_class
 from harness.models.llava_onevision import LlavaOneVision
 from harness.models.random_weights import random_model_dir
-from harness.video import preprocess, read_frames
 from tests.conftest import CONF
 
 pytestmark = pytest.mark.integration
@@ -32,20 +35,25 @@ def arch_of(name: str, text_layers=None, vision_layers=None) -> dict:
     arch = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())["arch"]
     if text_layers:
         arch["text_config"]["num_hidden_layers"] = text_layers
-    if vision_layers:
+    if vision_layers and "depth" in arch["vision_config"]:  # Qwen2.5-VL: keep one full-attention block
+        arch["vision_config"].update(depth=vision_layers, fullatt_block_indexes=[vision_layers - 1])
+    elif vision_layers:
         arch["vision_config"]["num_hidden_layers"] = vision_layers
     return arch
 
 
-@pytest.fixture(scope="module", params=["0.5b", "7b-width"])
+SETUPS = {"0.5b": ("llava_ov_0.5b", {}), "7b-width": ("llava_ov_7b", {"text_layers": 4, "vision_layers": 1}),
+          "qwen-3b-width": ("qwen2_5_vl_3b", {"text_layers": 4, "vision_layers": 1})}
+
+
+@pytest.fixture(scope="module", params=list(SETUPS))
 def real(request, tmp_path_factory, smoke_questions):
-    if request.param == "0.5b":
-        name, arch = "llava_ov_0.5b", arch_of("llava_ov_0.5b")
-    else:
-        name, arch = "llava_ov_7b", arch_of("llava_ov_7b", text_layers=4, vision_layers=1)
-    directory = random_model_dir(tmp_path_factory.mktemp("models"), name, arch, seed=0)
-    adapter = LlavaOneVision(str(directory), dtype="float32", device="cpu")
-    pixels = adapter.preprocessing.apply(read_frames(smoke_questions.parent / "videos" / "clip_004.mp4", FRAMES))
+    name, shrink = SETUPS[request.param]
+    arch = arch_of(name, **shrink)
+    family = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())["family"]
+    directory = random_model_dir(tmp_path_factory.mktemp("models"), name, arch, seed=0, family=family)
+    adapter = adapter_class(family)(str(directory), dtype="float32", device="cpu")
+    pixels = adapter.load_video(str(smoke_questions.parent / "videos" / "clip_004.mp4"), FRAMES)
     encoded = {}
 
     def video(needs):
@@ -63,13 +71,19 @@ def test_one_sample_per_method_at_real_dimensions(real, name):
     adapter, arch, video = real
     text = arch["text_config"]
     assert adapter.config.text_config.hidden_size == text["hidden_size"]
-    assert adapter.model.model.vision_tower.config.hidden_size == 1152
+    assert adapter.config.vision_config.hidden_size == arch["vision_config"]["hidden_size"]
     compressor = methods.build(name, **(STACK if name == "pipeline" else KNOBS.get(name, {})))
-    answer, run = adapter.generate(video(compressor.needs), QUESTION, compressor, max_new_tokens=3)
+    encoded = video(compressor.needs)
+    full = encoded.visual.features.shape[0] * encoded.visual.features.shape[1]
+    if isinstance(adapter, LlavaOneVision):
+        assert full == FRAMES * 196
+    else:  # one temporal patch of the 2 frames, the 96x96 clip at the 448x448 pixel floor
+        assert encoded.visual.features.shape[:2] == (1, 256)
+    answer, run = adapter.generate(encoded, QUESTION, compressor, max_new_tokens=3)
     assert isinstance(answer, str)
-    assert run.video_tokens_in == FRAMES * 196
+    assert run.video_tokens_in == full
     assert len(run.layer_video_tokens) == text["num_hidden_layers"]
-    assert 0 < run.video_tokens_out <= FRAMES * 196 and max(run.layer_video_tokens) <= FRAMES * 196
+    assert 0 < run.video_tokens_out <= full and max(run.layer_video_tokens) <= full
     assert run.timings["ttft"] > 0
 
 

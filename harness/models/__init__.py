@@ -23,6 +23,27 @@ def adapter_class(family: str):
     return getattr(importlib.import_module(module), name)
 
 
-def load_adapter(family: str, path: str, **kwargs):
-    """The adapter of `family` on the model at `path` (kwargs: dtype, device, attn_implementation)."""
-    return adapter_class(family)(path, **kwargs)
+def family_of(path: str) -> str:
+    """The family of the model directory at `path`, from its config.json's model_type (for entry
+    points without a model config: `harness.bench --model`, lmms_eval's `--model_args`)."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():  # a hub id: its config in the local Hugging Face cache
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        config = Path(cached) if isinstance(cached, str) else config
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    for family in FAMILIES:
+        if getattr(transformers, _model_class(family)).config_class.model_type == model_type:
+            return family
+    raise ValueError(f"{path}: its config.json ({'model_type ' + repr(model_type) if config.is_file() else 'not found'}) "
+                     f"names none of the families ({', '.join(FAMILIES)}); give the family explicitly")
+
+
+def _model_class(family: str) -> str:
+    return adapter_class(family).model_class

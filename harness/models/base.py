@@ -4,15 +4,17 @@ the FLOPs/retention accounting need from a video LLM, and the flow every family 
 A family (harness/models/<family>.py) subclasses `VideoLLM` and supplies:
 
 - `family`, `model_class` (the transformers class), `provides` (which of methods.base.VISUAL_NEEDS
-  its vision side can compute) and `config_from_arch` (its config from conf/model `arch`, for
-  random weights);
+  its vision side can compute); for random weights `config_from_arch` (its config from conf/model
+  `arch`), `OFFLINE_PREPROCESSOR`, and the offline tokenizer's `OFFLINE_SPECIAL_TOKENS` and
+  `OFFLINE_CHAT_TEMPLATE`;
 - `load_video(path, frames)`: the video read and preprocessed as its processor would (the frame
   sampling of lmms_eval's model for this family), and `video_tokens(path, frames)`: how many video
   tokens that video becomes, without encoding it;
 - `encode(pixels, needs, timings) -> Encoded`: the vision side, (F', N, D) tokens on an (h, w) grid
   per token frame, plus what the prompt needs besides them (`Encoded.extras`);
 - `embed_video(ids, tokens, encoded, full)`: prompt embeddings with the video span placed, and the
-  position ids the family's decoder takes (1-D, or (3, 1, T) for M-RoPE);
+  position ids the family's decoder takes (1-D, or (3, 1, T) for M-RoPE); `tokens_after_video`,
+  the tokens it puts in the placeholder's place besides the video tokens (OneVision's newline);
 - `llm`: the narrow decoder handle of methods.decoder (prefill and decode run there, shared);
 - `vision_flops(frames, grid)`: analytic FLOPs of its vision encoder on a video of that many token
   frames of an (h, w) token grid.
@@ -202,6 +204,19 @@ class VideoLLM:
                          if i is not None}
         self.stopwatch = Stopwatch(self.device)
         self.fingerprint = model_fingerprint(directory, dtype, self.device)
+
+    # what random weights are built with (harness/models/random_weights.py)
+    OFFLINE_SPECIAL_TOKENS: ClassVar[list[str]]  # ChatML's and the family's media tokens
+    OFFLINE_CHAT_TEMPLATE: ClassVar[str]
+    OFFLINE_PREPROCESSOR: ClassVar[dict]  # the preprocessor_config.json written with them
+
+    @classmethod
+    def offline_tokenizer(cls):
+        """The byte-level tokenizer of the family's embedded and random-weight models (ChatML)."""
+        from harness.models.tokenizer import byte_level_tokenizer
+
+        return byte_level_tokenizer(cls.OFFLINE_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>",
+                                    chat_template=cls.OFFLINE_CHAT_TEMPLATE)
 
     # ---- what a family supplies -------------------------------------------------------------------
     @classmethod

@@ -84,6 +84,7 @@ class LlavaOneVision(VideoLLM):
     model_class = "LlavaOnevisionForConditionalGeneration"
     provides = frozenset({"patch_scores", "encoder_hidden"})
     tokens_after_video = 1  # the image_newline
+    OFFLINE_SPECIAL_TOKENS, OFFLINE_CHAT_TEMPLATE = SPECIAL_TOKENS, CHAT_TEMPLATE
     # what random weights are built with (harness/models/random_weights.py): SigLIP's preprocessing
     # as the llava-hf checkpoints ship it
     OFFLINE_PREPROCESSOR = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
@@ -101,13 +102,6 @@ class LlavaOneVision(VideoLLM):
         self.grid = (math.ceil(self.patch_grid / 2),) * 2  # OneVision's 2x2 bilinear pooling
         self.tokens_per_frame = self.grid[0] * self.grid[1]
         self.preprocessing = Preprocessing.from_model_dir(self.directory)
-
-    @staticmethod
-    def offline_tokenizer():
-        from harness.models.tokenizer import byte_level_tokenizer
-
-        return byte_level_tokenizer(SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>",
-                                    chat_template=CHAT_TEMPLATE)
 
     @classmethod
     def config_from_arch(cls, arch: dict, tokenizer):

@@ -68,6 +68,7 @@ class Qwen2_5_VL(VideoLLM):
     family = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
     provides = frozenset({"patch_scores"})
+    OFFLINE_SPECIAL_TOKENS, OFFLINE_CHAT_TEMPLATE = SPECIAL_TOKENS, CHAT_TEMPLATE
     # the published checkpoints' preprocessor_config.json (Qwen2VLImageProcessor settings)
     OFFLINE_PREPROCESSOR = {"image_mean": CLIP_MEAN, "image_std": CLIP_STD, "rescale_factor": 1 / 255,
                             "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
@@ -96,13 +97,6 @@ class Qwen2_5_VL(VideoLLM):
                 raise ModelLoadError(f"{path}: {key}={cfg[key]!r}: the harness implements Qwen2.5-VL's "
                                      f"video preprocessing with {key}=true")
         return pre
-
-    @staticmethod
-    def offline_tokenizer():
-        from harness.models.tokenizer import byte_level_tokenizer
-
-        return byte_level_tokenizer(SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>",
-                                    chat_template=CHAT_TEMPLATE)
 
     @classmethod
     def config_from_arch(cls, arch: dict, tokenizer):
@@ -167,10 +161,9 @@ class Qwen2_5_VL(VideoLLM):
         merge = self.vision.spatial_merge_size
         grid = (gh // merge, gw // merge)
         features = out.pooler_output[0].reshape(t, grid[0] * grid[1], -1)
-        if captured:
-            captured["patch_grid"] = (gh, gw)
         interval = self.vision.tokens_per_second * torch.tensor(video.second_per_grid, dtype=torch.float32)
-        return Encoded(VisualInput(features=features, grid=grid, **captured), {"time_interval": interval},
+        return Encoded(VisualInput(features=features, grid=grid, patch_grid=(gh, gw), **captured),
+                       {"time_interval": interval},
                        timings if timings is not None else {})
 
     def row_major(self, grid_thw: torch.Tensor) -> torch.Tensor:
