@@ -55,9 +55,11 @@ VISUAL_NEEDS = frozenset({"patch_scores", "encoder_hidden"})
 class VideoTokens:
     """A visual stage's output when its tokens keep their original position ids.
 
-    positions[j] is the index in the flattened F*N input whose position id token j takes; the
+    positions[j] is the index in the flattened F*N input whose position id token j takes (a
+    sequence position on LLaVA-OneVision, that token's (t, h, w) on Qwen2.5-VL's M-RoPE); the
     text after the video then starts where it would without compression. A plain (M, D) tensor
-    from `compress` means the tokens take consecutive positions instead.
+    from `compress` means the tokens take consecutive positions instead (on M-RoPE: consecutive on
+    all three axes, as text).
     """
 
     tokens: torch.Tensor  # (M, D)
