@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.video import encode_mp4
+
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60), "blue": (40, 70, 230),
            "yellow": (235, 220, 40), "white": (240, 240, 240), "purple": (150, 50, 200)}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -35,15 +37,7 @@ def _clip(colour, direction, rng: random.Random) -> np.ndarray:
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
-    import av
-
-    with av.open(str(path), "w", format="mp4") as container:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    encode_mp4(str(path), frames, fps)
 
 
 def _question(kind: str, answer: str, choices: list[str], rng: random.Random) -> tuple[str, list, str]:
