@@ -283,13 +283,9 @@ def load_model(overrides: list[str], model_path: str | None, dtype: str | None, 
     if model_path is not None:
         return (adapter_class(family_of(model_path))(model_path, dtype=dtype or "float32", device=device),
                 Path(model_path).name)
-    from hydra import compose, initialize_config_dir
+    from harness.run import compose_config, prepare_model
 
-    import harness.config  # noqa: F401  (schemas and resolvers)
-    from harness.run import CONF, prepare_model
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides)
     path = prepare_model(cfg)
     adapter = adapter_class(cfg.model.family)(path, dtype=dtype or cfg.model.dtype, device=device,
                                               attn_implementation=cfg.model.attn_implementation)
@@ -322,9 +318,9 @@ def main(argv=None) -> int:
         return 0
     adapter, name = load_model(args.overrides, args.model, args.dtype, args.device)
     if args.video_dir is None:
-        from harness.smoke_data import generate
+        from harness.synthetic_data import generate
 
-        args.video_dir = generate(Path(os.environ.get("VTC_CACHE", ".cache")) / "data" / "vtc_smoke").parent / "videos"
+        args.video_dir = generate(Path(os.environ.get("VTC_CACHE", ".cache")) / "data" / "vtc_synthetic").parent / "videos"
     videos = sorted(args.video_dir.glob("*.mp4"))[: args.videos]
     pixels = [adapter.load_video(str(v), args.frames) for v in videos]
     text = adapter.text_tokens(adapter.prompt_ids(QUESTION)[0])

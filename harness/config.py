@@ -18,7 +18,8 @@ class ModelConf:
     name: str = MISSING  # short name used in run ids and tables
     family: str = "llava_onevision"  # the adapter (harness/models): llava_onevision | qwen2_5_vl
     path: str = MISSING  # local Hugging Face model directory, or a hub id
-    smoke: bool = False  # a randomly initialised model: results are not meaningful
+    caveat: Optional[str] = None  # what the model is, shown beside its scores everywhere
+    # ("SMOKE: random model", "trained micro model"); random_init adds "random weights"
     build_tiny: bool = False  # build the embedded smoke model at `path` when it is absent
     frames: int = 8  # frames sampled uniformly per video
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -27,6 +28,8 @@ class ModelConf:
     max_new_tokens: int = 16
     random_init: bool = False  # build `arch` with random weights instead of loading `path`
     arch: Dict[str, Any] = field(default_factory=dict)  # the family's config fields (published shapes)
+    train: Dict[str, Any] = field(default_factory=dict)  # a training recipe: the model is trained on
+    # first use (harness.train_micro) and cached under cache_dir/models, keyed by arch + recipe
 
 
 @dataclass
@@ -45,7 +48,8 @@ class TaskConf:
     required_env: List[str] = field(default_factory=list)  # e.g. an API key for a judge
     env: Dict[str, str] = field(default_factory=dict)  # set before the task loads (HF_HOME, ...)
     judge: Optional[str] = None  # the model that scores answers (GPT-judged tasks); recorded
-    smoke: bool = False
+    caveat: Optional[str] = None  # what the task is, shown beside its scores ("synthetic task")
+    breakdown: Optional[str] = None  # a document field that scores are also reported by (per kind)
     calibration_size: int = 32  # documents used to calibrate a knob to a target retention
 
 

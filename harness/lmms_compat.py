@@ -28,6 +28,12 @@ def score_one(task, doc, response) -> dict:
     return task.process_results(doc, [inst.filtered_resps[ensemble.name]])
 
 
+def logged_doc(sample: dict) -> dict:
+    """The document of one of lmms_eval's logged samples (`results["samples"][task][i]["doc"]`,
+    its text fields; media are left out by lmms_eval)."""
+    return sample["doc"]
+
+
 def task_config(manager, name: str) -> dict:
     """The raw config of task `name` as the TaskManager read it (private `_get_config`)."""
     return manager._get_config(name)

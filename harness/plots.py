@@ -17,45 +17,74 @@ import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; noteb
 import pandas as pd
 
 from harness.summary import TIMINGS
-from harness.table import summaries_or_none
+from harness.table import breakdown_column, summaries_or_none
 
 X_AXES = {"rho_tok": "achieved token retention (%)", "rho_flops": "prefill FLOPs ratio (%)"}
 
 
 def runs_frame(summaries: list[dict]) -> pd.DataFrame:
+    """One row per run and benchmark, plus one per breakdown group (a facet of its own); the cost
+    columns are on the whole-benchmark rows only."""
     rows = []
     for s in summaries:
         ret, t = s["retention"], s["timings"]
-        rows.append({"method": s["method"], "label": s["label"], "benchmark": s["task_label"],
-                     "model": s["model"], "score": s["score"], "smoke": s["smoke"],
-                     "rho_tok": ret["rho_tok"]["mean"] if ret["rho_tok"] else None,
-                     "rho_flops": ret["rho_flops"]["mean"] if ret["rho_flops"] else None,
-                     **{f"{k}_s": (t.get(k) or {}).get("mean", 0.0) for k in TIMINGS}})
+        row = {"method": s["method"], "label": s["label"], "benchmark": s["task_label"], "whole": True,
+               "model": s["model"], "score": s["score"], "caveats": ", ".join(s.get("caveats") or []),
+               "rho_tok": ret["rho_tok"]["mean"] if ret["rho_tok"] else None,
+               "rho_flops": ret["rho_flops"]["mean"] if ret["rho_flops"] else None,
+               **{f"{k}_s": (t.get(k) or {}).get("mean", 0.0) for k in TIMINGS}}
+        rows.append(row)
+        for group, part in (s.get("score_by") or {}).items():
+            rows.append({**row, "benchmark": breakdown_column(s["task_label"], group), "whole": False,
+                         "score": part["score"]})
     return pd.DataFrame(rows)
 
 
-def accuracy_vs_retention(df: pd.DataFrame, x: str = "rho_tok"):
-    benchmarks = sorted(df["benchmark"].unique())
-    fig, axes = plt.subplots(1, len(benchmarks), figsize=(4.5 * len(benchmarks), 3.6), squeeze=False)
-    for ax, bench in zip(axes[0], benchmarks):
+def _panels(df: pd.DataFrame) -> list[str]:
+    """Benchmarks in name order, each followed by its breakdown groups (as the table's columns)."""
+    whole = sorted(df.loc[df["whole"], "benchmark"].unique())
+    return [p for b in whole for p in [b] + sorted(x for x in df.loc[~df["whole"], "benchmark"].unique()
+                                                    if x.startswith(breakdown_column(b, "")))]
+
+
+def accuracy_vs_retention(df: pd.DataFrame, x: str = "rho_tok", columns: int = 3):
+    """One panel per benchmark and breakdown group (`columns` a row), one line per method in a
+    colour and marker of its own across panels, `none` dashed; one legend for the figure."""
+    panels = _panels(df)
+    methods = sorted(set(df["method"]) - {"none"})
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    style = {m: (colours(i % colours.N), "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
+    cols = min(columns, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols + 2.2, 3.4 * rows), squeeze=False)
+    for ax, bench in zip(axes.flat, panels):
         part = df[df["benchmark"] == bench]
         for method, runs in sorted(part.groupby("method")):
             if method == "none":
                 ax.axhline(runs["score"].mean(), ls="--", c="grey", label="none (100%)")
                 continue
             runs = runs.sort_values(x)
-            ax.plot(100 * runs[x], runs["score"], marker="o", label=method)
+            colour, marker = style[method]
+            ax.plot(100 * runs[x], runs["score"], marker=marker, ms=4, c=colour, label=method)
         ax.set(title=bench, xlabel=X_AXES[x], ylabel="score (0-100)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if df["smoke"].any():
-        fig.suptitle("SMOKE (random model): not real accuracy", fontsize=8)
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8)
+    setups = sorted(set(df["caveats"]) - {""})
+    if setups:
+        fig.suptitle("; ".join(setups) + (": not real accuracy" if any("SMOKE" in c for c in setups) else ""),
+                     fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     return fig
 
 
 def cost_breakdown(df: pd.DataFrame):
-    cost = df.groupby("method")[[f"{k}_s" for k in TIMINGS]].mean() * 1000
+    cost = df[df["whole"]].groupby("method")[[f"{k}_s" for k in TIMINGS]].mean() * 1000
     fig, ax = plt.subplots(figsize=(1.2 * len(cost) + 3, 3.6))
     bottom = pd.Series(0.0, index=cost.index)
     for k in TIMINGS:

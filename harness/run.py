@@ -45,6 +45,17 @@ class MethodChoice:
 CONF = REPO_ROOT / "conf"
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config `python -m harness <overrides>` would run (for tools outside the Hydra entry point:
+    the bench, the micro model's trainer)."""
+    from hydra import compose, initialize_config_dir
+
+    import harness.config  # noqa: F401  (schemas and resolvers)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 def method_defaults(name: str) -> dict:
     """The knobs conf/method/<name>.yaml gives a method (for a pipeline's parts)."""
     path = CONF / "method" / f"{name}.yaml"
@@ -139,7 +150,9 @@ def run_id(cfg: DictConfig, choice: MethodChoice) -> str:
     """Readable and unique per setting, so the same config always lands in (and resumes) one dir."""
     identity = {
         "model": {k: cfg.model[k] for k in ("path", "frames", "dtype")}
-        | ({"random_init": OmegaConf.to_container(cfg.model.arch, resolve=True)} if cfg.model.random_init else {}),
+        | ({"random_init": OmegaConf.to_container(cfg.model.arch, resolve=True)} if cfg.model.random_init else {})
+        | ({"arch": OmegaConf.to_container(cfg.model.arch, resolve=True),
+            "train": OmegaConf.to_container(cfg.model.train, resolve=True)} if cfg.model.train else {}),
         "task": {"lmms_task": cfg.task.lmms_task, "limit": cfg.task.limit,
                  "overrides": OmegaConf.to_container(cfg.task.overrides, resolve=True)},
         "method": choice.name, "knobs": choice.knobs, "target": choice.target_retention,
@@ -193,11 +206,17 @@ def check_task_requirements(cfg: DictConfig) -> None:
 
 
 def prepare_model(cfg: DictConfig) -> str:
-    """The directory of the model the config names, built first when it is an embedded model or a
-    random-weight architecture (model.random_init)."""
+    """The directory of the model the config names, built first when it is an embedded model (the
+    tiny one, or one trained by a recipe, model.train) or a random-weight architecture
+    (model.random_init)."""
     from harness.models.random_weights import random_model_dir
     from harness.models.tiny import build_tiny_model
+    from harness.train_micro import build_micro_model
 
+    if cfg.model.train:
+        return str(build_micro_model(cfg.model.path, OmegaConf.to_container(cfg.model.arch, resolve=True),
+                                     OmegaConf.to_container(cfg.model.train, resolve=True),
+                                     progress=cfg.progress))
     if cfg.model.random_init:
         arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
         try:
@@ -208,6 +227,14 @@ def prepare_model(cfg: DictConfig) -> str:
     if cfg.model.build_tiny:
         build_tiny_model(cfg.model.path, seed=cfg.seed)
     return cfg.model.path
+
+
+def model_is_built(cfg: DictConfig) -> bool:
+    """Whether the model a training recipe (model.train) describes is already in the cache."""
+    from harness.train_micro import MARKER, model_dir
+
+    return (model_dir(cfg.model.path, OmegaConf.to_container(cfg.model.arch, resolve=True),
+                      OmegaConf.to_container(cfg.model.train, resolve=True)) / MARKER).is_file()
 
 
 def prepare_task_data(cfg: DictConfig) -> None:
@@ -294,9 +321,11 @@ def run(cfg: DictConfig) -> Path:
     done = run_dir.read("summary.json") if cfg.resume else None
     earlier = run_dir.read("config.json")
     if (done is not None and not done["n_failed"] and len(run_dir.completed()) >= done["n_samples"]
-            and earlier is not None and not changed(earlier.get("data_files", {}))):
+            and earlier is not None and not changed(earlier.get("data_files", {}))
+            and done.get("breakdown_field") == cfg.task.breakdown):
         # a finished run (e.g. a restarted sweep's earlier point) on unchanged data: nothing to
-        # load or compute; runs with failed samples go on, to try those again
+        # load or compute; runs with failed samples go on, to try those again, and a run asked
+        # for another breakdown of its scores resumes (every sample read back) to summarise anew
         if rank == 0:
             print(summary_line(done) + " (already complete)", flush=True)
         return run_dir.path
@@ -306,7 +335,10 @@ def run(cfg: DictConfig) -> Path:
         if cfg.task.generator:
             with step(f"preparing the data of task {cfg.task.name}"):
                 prepare_task_data(cfg)
-        if cfg.model.build_tiny or cfg.model.random_init:
+        if cfg.model.train and not model_is_built(cfg):
+            with step(f"training model {cfg.model.name} (harness.train_micro, once; cached)"):
+                model_path = prepare_model(cfg)
+        elif cfg.model.build_tiny or cfg.model.random_init:
             with step(f"building model {cfg.model.name}" + (" (random weights)" if cfg.model.random_init else "")):
                 model_path = prepare_model(cfg)
         else:

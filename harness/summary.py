@@ -107,6 +107,38 @@ def live_score_mismatches(records: list[dict], logged: list[dict], metric: str) 
                   and isinstance(s.get(metric), (int, float)) and abs(live[s["doc_id"]] - s[metric]) > 1e-9)
 
 
+def caveats(cfg) -> list[str]:
+    """What the scores of this setup are, shown beside them everywhere (summary line, tables,
+    plots): the task's and the model's caveats, and "random weights" for a random_init model."""
+    notes = [cfg.task.caveat, cfg.model.caveat]
+    if cfg.model.random_init and not cfg.model.caveat:
+        notes.append("random weights")
+    return [n for n in notes if n]
+
+
+def breakdown(cfg, logged: list[dict]) -> dict | None:
+    """Score, 95 % CI and count per value of the document field `task.breakdown` (e.g. the
+    synthetic task's question kind), from lmms_eval's logged samples; None without a breakdown."""
+    from harness.lmms_compat import logged_doc
+
+    field = cfg.task.breakdown
+    if not field:
+        return None
+    groups: dict[str, list[float]] = {}
+    for sample in logged:
+        doc = logged_doc(sample)
+        if field not in doc:
+            raise ConfigError(f"task.breakdown={field}: document {sample['doc_id']} of "
+                              f"{cfg.task.lmms_task} has no field {field!r}")
+        value = sample.get(cfg.task.metric)
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"task.breakdown={field}: the metric {cfg.task.metric} is not a number "
+                              "per sample, so it cannot be broken down by a document field")
+        groups.setdefault(str(doc[field]), []).append(to_100(float(value), cfg.task.scale, cfg.task.lmms_task))
+    return {group: {"score": statistics.fmean(values), "score_ci95": bootstrap_ci(values, seed=cfg.seed),
+                    "n": len(values)} for group, values in groups.items()}
+
+
 def find_reference_run(cfg, results_dir: Path, this: Path) -> Path | None:
     """The `none` run of the same model, task, frames and limit, if one has finished."""
     for summary_file in sorted(results_dir.glob("*/summary.json")):
@@ -142,12 +174,13 @@ def summarize(cfg, choice, knobs: dict, run_dir: RunDir, results: dict, tasks: d
     return {
         "run_id": run_dir.path.name, "task": cfg.task.name, "task_label": cfg.task.label,
         "lmms_task": task, "model": cfg.model.name, "family": cfg.model.family, "model_path": cfg.model.path,
-        "smoke": bool(cfg.model.smoke or cfg.task.smoke), "frames": cfg.model.frames,
+        "caveats": caveats(cfg), "frames": cfg.model.frames,
         "limit": cfg.task.limit, "method": choice.title, "knobs": knobs, "label": choice.label,
         "method_notes": notes or {},
         "target_retention": choice.target_retention,
         "metric": key, "metric_native": native, "scale": cfg.task.scale, "judge": cfg.task.judge,
         "score": to_100(native, cfg.task.scale, f"{task}.{key}"), "score_ci95": ci,
+        "breakdown_field": cfg.task.breakdown, "score_by": breakdown(cfg, logged),
         "n_samples": len(per_sample) or len(records), "n_failed": len(records) - len(ok),
         "failed": [{"key": r["key"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
         "live_score_mismatches": mismatched,
@@ -171,7 +204,7 @@ def summary_line(s: dict) -> str:
     ret = s["retention"]["rho_tok"]
     sec = s["seconds_per_sample"]
     parts = [
-        ("[SMOKE: random model] " if s["smoke"] else "") + f"{s['task']}",
+        "".join(f"[{', '.join(s['caveats'])}] " if s.get("caveats") else "") + f"{s['task']}",
         f"{s['model']}",
         f"{s['method']}" + (f" {s['label']}" if s["label"] else "")
         + "".join(f" [{k}: {v}]" for k, v in (s.get("method_notes") or {}).items()),
@@ -181,7 +214,9 @@ def summary_line(s: dict) -> str:
         + (f"; decode KV {100 * s['retention']['rho_decode_kv']['mean']:.1f}%"
            if s["retention"].get("rho_decode_kv") else "") + ")" if ret else "retention n/a",
         f"score {s['score']:.1f}" + (f" [{s['score_ci95'][0]:.1f}, {s['score_ci95'][1]:.1f}]"
-                                     if s["score_ci95"] else ""),
+                                     if s["score_ci95"] else "")
+        + (" (" + ", ".join(f"{g} {v['score']:.1f}" for g, v in s["score_by"].items()) + ")"
+           if s.get("score_by") else ""),
         f"{sec['mean']:.3f} s/sample" if sec else "n/a s/sample",
         (f"compressor {1000 * s['timings']['compressor']['mean']:.2f} ms "
          f"({100 * s['compressor_share_of_prefill']:.1f}% of prefill)")

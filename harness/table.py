@@ -51,27 +51,49 @@ def frame(summaries: list[dict]) -> pd.DataFrame:
     rows = []
     for s in summaries:
         ret = s["retention"]
-        rows.append({
+        row = {
             "method": s["method"], "setting": s["label"] or "", "model": s["model"],
             "family": s.get("family", "llava_onevision"),  # summaries from before model families
-            "benchmark": s["task_label"], "score": s["score"],
+            "benchmark": s["task_label"], "whole": True, "score": s["score"],
             "ci_low": (s.get("score_ci95") or [None, None])[0],
             "ci_high": (s.get("score_ci95") or [None, None])[1],
             "rho_tok": ret["rho_tok"]["mean"] if ret["rho_tok"] else None,
             "rho_flops": ret["rho_flops"]["mean"] if ret["rho_flops"] else None,
             "agreement": s.get("agreement_with_none"),
-            "failed": s["n_failed"], "smoke": s["smoke"], "judge": s.get("judge"),
-        })
+            "failed": s["n_failed"], "caveats": ", ".join(s.get("caveats") or []), "judge": s.get("judge"),
+        }
+        rows.append(row)
+        # a benchmark broken down by a document field (task.breakdown) adds one column per group
+        for group, part in (s.get("score_by") or {}).items():
+            ci = part.get("score_ci95") or [None, None]
+            rows.append({**row, "benchmark": breakdown_column(s["task_label"], group), "whole": False,
+                         "score": part["score"], "ci_low": ci[0], "ci_high": ci[1]})
     return pd.DataFrame(rows)
+
+
+def breakdown_column(benchmark: str, group: str) -> str:
+    return f"{benchmark}: {group}"
+
+
+def _columns(df: pd.DataFrame) -> list[str]:
+    """Whole benchmarks in name order, each followed by its breakdown groups in the order the runs
+    report them."""
+    columns = []
+    for benchmark in sorted(df.loc[df["whole"], "benchmark"].unique()):
+        columns.append(benchmark)
+        columns += [b for b in df.loc[~df["whole"], "benchmark"].unique()
+                    if b.startswith(breakdown_column(benchmark, ""))]
+    return columns
 
 
 def paper_table(df: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
     """Rows = method x setting (none first), columns = benchmarks, Avg., Retention, FLOPs."""
-    benchmarks = sorted(df["benchmark"].unique())
+    benchmarks = _columns(df)
     keys = ["family", "model", "method", "setting"]
     scores = df.pivot_table(index=keys, columns="benchmark", values="score", aggfunc="first")
     scores = scores.reindex(columns=benchmarks)
-    avg = scores.mean(axis=1, skipna=False)  # an average over a missing benchmark is missing
+    whole = sorted(df.loc[df["whole"], "benchmark"].unique())
+    avg = scores[whole].mean(axis=1, skipna=False)  # an average over a missing benchmark is missing
     meta = df.groupby(keys).agg(rho_tok=("rho_tok", "mean"), rho_flops=("rho_flops", "mean"),
                                 agreement=("agreement", "mean"), failed=("failed", "sum"))
     order = sorted(scores.index, key=lambda k: (k[:2], k[2] != "none", -(meta.loc[k, "rho_tok"] or 0), k))
@@ -116,9 +138,16 @@ def footnotes(df: pd.DataFrame) -> list[str]:
         notes.append(f"{benchmark} is scored by a GPT judge: {', '.join(sorted(set(judges)))}.")
     if df["failed"].sum():
         notes.append("* this benchmark had failed samples (counted as wrong); see the run's summary.json.")
-    if df["smoke"].any():
-        notes.append("SMOKE setup: a randomly initialised model and a generated task; "
-                     "these numbers only show that the harness runs.")
+    for setup in sorted(set(df["caveats"]) - {""}):
+        if "SMOKE" in setup:
+            notes.append("SMOKE setup: a randomly initialised model and a generated task; "
+                         "these numbers only show that the harness runs.")
+        else:
+            notes.append(f"Setup: {setup} (the harness's embedded setting, not a published benchmark)."
+                         if "synthetic" in setup else f"Setup: {setup}.")
+    if (~df["whole"]).any():
+        notes.append("Columns 'benchmark: group' break a benchmark down by its documents' "
+                     "question type (task.breakdown); Avg. is over whole benchmarks.")
     return notes
 
 

@@ -38,6 +38,19 @@ def check_config(cfg) -> None:
         raise ConfigError(f"model.build_tiny=true builds the embedded LLaVA-OneVision smoke model: "
                           f"expected model.family=llava_onevision, got {model.family!r} (for a small "
                           f"{model.family} use model.random_init=true with a small model.arch)")
+    if model.train:
+        if model.family != "llava_onevision" or model.random_init:
+            raise ConfigError("model.train trains the embedded micro LLaVA-OneVision (harness.train_micro): "
+                              f"expected model.family=llava_onevision and model.random_init=false, got "
+                              f"{model.family!r} and {model.random_init}")
+        from omegaconf import OmegaConf
+
+        from harness.train_micro import check_recipe
+
+        try:
+            check_recipe(OmegaConf.to_container(model.train, resolve=True))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     _int("model.frames", model.frames, 1)
     _int("model.max_new_tokens", model.max_new_tokens, 1)
     if model.dtype not in DTYPES:

@@ -30,6 +30,19 @@ def tiny_model_dir(cache_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def micro_model_dir(cache_dir) -> Path:
+    """The trained micro model of conf/model/micro.yaml, where the harness looks for it (minutes,
+    once per session; a later `python -m harness` with VTC_CACHE=cache_dir finds it built)."""
+    from omegaconf import OmegaConf
+
+    from harness.train_micro import build_micro_model
+
+    cfg = make_cfg("model=micro", "task=synthetic", results_dir=cache_dir / "unused", cache_dir=cache_dir)
+    return build_micro_model(cfg.model.path, OmegaConf.to_container(cfg.model.arch, resolve=True),
+                             OmegaConf.to_container(cfg.model.train, resolve=True), progress=False)
+
+
+@pytest.fixture(scope="session")
 def smoke_questions(cache_dir) -> Path:
     from harness.smoke_data import generate
 
@@ -53,11 +66,20 @@ def write_natural_video(path: Path, width: int, height: int, frames: int, fps: i
     return path
 
 
+def smoke_defaults(overrides) -> list[str]:
+    """The tests run on the fast SMOKE setup (random tiny model, smoke task) unless they choose a
+    model or task; the harness's own defaults are the trained micro model on the synthetic task."""
+    chosen = {o.split("=")[0].lstrip("+~") for o in overrides}
+    return [f"{group}={name}" for group, name in (("model", "tiny"), ("task", "smoke")) if group not in chosen]
+
+
 def make_cfg(*overrides: str, results_dir: Path, cache_dir: Path):
-    """The composed config, as `python -m harness <overrides>` would see it."""
+    """The composed config, as `python -m harness <overrides>` would see it (on the SMOKE setup
+    unless the overrides choose a model or task)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=[
-            f"results_dir={results_dir}", f"cache_dir={cache_dir}", "progress=false", *overrides])
+            f"results_dir={results_dir}", f"cache_dir={cache_dir}", "progress=false",
+            *smoke_defaults(overrides), *overrides])
 
 
 @pytest.fixture

@@ -225,7 +225,7 @@ def test_missing_data_is_one_clear_error(tmp_path, cache_dir):
     videos were looked for, and how to get them; no traceback, nothing run."""
     env = {**os.environ, "VTC_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "empty_hf_home")}
-    proc = subprocess.run([sys.executable, "-m", "harness", "task=nextqa", f"results_dir={tmp_path / 'r'}",
+    proc = subprocess.run([sys.executable, "-m", "harness", "model=tiny", "task=nextqa", f"results_dir={tmp_path / 'r'}",
                            "progress=false"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode != 0

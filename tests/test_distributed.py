@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def launch(prefix, results, cache):
     env = {**os.environ, "VTC_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    args = [*prefix, "-m", "harness", "+method=uniform", "retention=0.25", "task.limit=5",
+    args = [*prefix, "-m", "harness", "model=tiny", "task=smoke", "+method=uniform", "retention=0.25", "task.limit=5",
             "feature_cache=false", f"results_dir={results}", "progress=false"]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,16 +11,18 @@ import pytest
 
 from harness.run import run
 from harness.rundir import read_samples
-from tests.conftest import REPO
+from tests.conftest import REPO, smoke_defaults
 
 pytestmark = pytest.mark.integration
 
 
 def harness(*args, results, cache, check=True):
     env = {**os.environ, "VTC_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "harness", *args, f"results_dir={results}",
-                           "progress=false"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) go before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    proc = subprocess.run([sys.executable, "-m", "harness", *flags, *smoke_defaults(overrides), *overrides,
+                           f"results_dir={results}", "progress=false"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -144,10 +146,11 @@ def test_smoke_sweep_end_to_end_with_table_plots_and_wandb(tmp_path, cache_dir, 
     import yaml
 
     results = tmp_path / "results"
-    proc = harness("-m", "+sweep=smoke", "model=tiny", "task=smoke", "task.limit=2", "logger=wandb",
-                   results=results, cache=cache_dir)
+    # every method of the smoke sweep, at one of its targets (the command line overrides its grid)
+    proc = harness("-m", "+sweep=smoke", "retention=0.25", "model=tiny", "task=smoke", "task.limit=2",
+                   "logger=wandb", results=results, cache=cache_dir)
     params = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())["hydra"]["sweeper"]["params"]
-    names, targets = params["+method"].split(","), params["retention"].split(",")
+    names, targets = params["+method"].split(","), ["0.25"]
     sweep = next((results / "sweeps").iterdir())
     table = (sweep / "table.md").read_text()
     errors = (sweep / "errors.txt").read_text().splitlines() if (sweep / "errors.txt").is_file() else []

@@ -92,3 +92,17 @@ def test_cli_rejects_pipelines_and_missing_paths():
         VTCModel.create_from_arg_string("method=uniform")
     with pytest.raises(ValueError, match="method=pipeline cannot be given"):
         VTCModel.create_from_arg_string("pretrained=x,method=pipeline")
+
+
+def test_logged_samples_carry_their_documents(cfg_factory):
+    """`logged_doc` reads the document lmms_eval logs with each sample: a run broken down by a
+    document field (task.breakdown) counts every sample under its field's value."""
+    from harness.errors import ConfigError
+    from harness.run import run
+
+    run_dir = run(cfg_factory("task.limit=4", "task.breakdown=kind"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["score_by"]) <= {"colour", "direction"}
+    assert sum(part["n"] for part in summary["score_by"].values()) == 4
+    with pytest.raises(ConfigError, match="task.breakdown=nope: document 0 of vtc_smoke_mc has no field 'nope'"):
+        run(cfg_factory("task.limit=4", "task.breakdown=nope"))

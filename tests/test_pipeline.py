@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import methods
-from harness.errors import ConfigError
 from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods import decoder
