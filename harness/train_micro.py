@@ -21,7 +21,10 @@ first, then the language model on instructions):
    curriculum (`stages`) starts on few frames and larger objects (short sequences where the
    evidence is a larger share of the tokens; a clip's sampled frames then always include a flash
    frame) and ends on the task's own clips at the frame count the model is evaluated with, sampled
-   as the harness samples them.
+   as the harness samples them. Each stage warms up and decays (cosine) from its own learning rate:
+   with one schedule over all stages the last, longest-sequence stage ran at the schedule's tail and
+   barely moved the weights, and whether the model then generalised from 2 to 8 frames depended on
+   the machine's floating-point rounding (87.9 % on one CPU, 99 % on another).
 
 The tokenizer is byte-level BPE whose merges are learnt from the task's prompt texts (as a real
 checkpoint's BPE is learnt from its corpus), so a question is ~35 tokens instead of ~120 bytes;
