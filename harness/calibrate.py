@@ -150,8 +150,9 @@ def search(compressor: Compressor, target: float, data: CalibrationSet, shape: L
 
     # analytic FLOPs are cheap to evaluate: match them much more closely than the window asks
     precision = 1e-5 if spec.measure == "rho_flops" else TOLERANCE / 4
+    held = f", with {compressor.held_knobs()} held" if compressor.composite else ""
     value, achieved, trace = bisect_knob(measure, spec.low, spec.high, target, spec.increasing,
-                                         what=f"{compressor.title} ({spec.measure} over {spec.knob})",
+                                         what=f"{compressor.title} ({spec.measure} over {spec.knob}{held})",
                                          precision=precision)
     return {"knobs": {spec.knob: value}, "achieved_on_calibration": achieved, "measure": spec.measure,
             "samples": len(data.text_tokens), "trace": trace}

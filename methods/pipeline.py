@@ -58,6 +58,13 @@ class Pipeline(Compressor):
                                                    knob=f"{tuned[-1].name}.{tuned[-1].retention_knob.knob}")
                                if tuned else None)
 
+    def held_knobs(self) -> str:
+        """The knobs of the parts a retention search does not move, as `name k=v,...` (for its
+        messages: they bound what the stack can reach)."""
+        tuned = self.retention_knob.knob.split(".")[0] if self.retention_knob else None
+        return "; ".join(f"{p.name} " + ",".join(f"{f.name}={getattr(p, f.name)}" for f in dataclasses.fields(p))
+                         for p in self.parts if p.name != tuned and dataclasses.is_dataclass(p))
+
     @property
     def seed(self) -> int:
         return self.parts[0].seed

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import methods
+from harness.errors import ConfigError
 from harness.models.llava_onevision import LlavaOneVision
 from harness.video import preprocess, read_frames
 from methods import decoder
@@ -101,6 +102,10 @@ def test_stack_calibration_reaches_the_flops_target(cfg_factory, adapter):
     per_doc = [retention_numbers(cfg.model.frames * 196, t, [video] * 2 + [kept] * 6,
                                  LLMShape(64, 128, 8))["rho_flops"] for t in texts]
     assert achieved == pytest.approx(sum(per_doc) / len(per_doc), abs=1e-12)
+    # a target below what the held parts allow names them, since they bound the stack
+    with pytest.raises(ConfigError, match=r"retention=0.9: unreachable on this task; uniform\+fastv "
+                                          r"\(rho_flops over fastv.keep, with uniform retention=0.5 held\)"):
+        calibrate(choice.build(), 0.9, adapter, tasks, frames=cfg.model.frames, size=4, identity={})
 
 
 def test_declared_stages_must_match_the_hooks():
