@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods.attention import _project
+from methods.attention import project
 from methods.frames import normalized, segment_ids
 from methods.prunevid import MIN_CLUSTERED, frame_segments, prunevid_compress, question_scores
 from tests.prunevid_reference import reference_prunevid
@@ -126,8 +126,8 @@ def scoring_floor(layer, hidden, queries):
 
     def run():
         x = layer.input_layernorm(hidden)
-        q = _project(attn, x[:, queries], "q")[0]
-        k = _project(attn, x, "k")[0]
+        q = project(attn, x[:, queries], "q")[0]
+        k = project(attn, x, "k")[0]
         q = q.view(k.shape[0], -1, *q.shape[1:])
         return q @ k[:, None].transpose(-1, -2)
 
