@@ -105,7 +105,7 @@ def part_prefill(frames, repeats):
 
     def fused():
         out = decoder.prefill(llm, embeds, positions, span, compressor.prefill_policy(shape),
-                              logits_to_keep=1, timer=watch)
+                              logits_to_keep=1, timer=watch, frame_tokens=196)
         counts["layers"], counts["mlp"] = out.layer_video_tokens, out.layer_mlp_video_tokens
         return out
 
