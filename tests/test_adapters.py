@@ -53,6 +53,24 @@ def test_families_are_registered_and_known_from_a_checkpoint(tiny_model_dir, qwe
         family_of(str(tmp_path))
 
 
+def test_a_family_supplies_the_whole_interface(tmp_path):
+    """Every registered family implements each abstract method of VideoLLM; a family that misses
+    one fails when it is instantiated, naming what is missing, before any weights load."""
+    from harness.models.base import VideoLLM
+
+    for name in FAMILIES:
+        assert not adapter_class(name).__abstractmethods__, name
+
+    class Partial(VideoLLM):
+        family = "partial"
+
+        def load_video(self, path, frames):
+            return None
+
+    with pytest.raises(TypeError, match="config_from_arch, embed_video, encode, llm, video_tokens, vision_flops"):
+        Partial(str(tmp_path))
+
+
 def test_a_checkpoint_of_another_family_is_refused_before_its_weights_load(qwen_model_dir):
     from harness.models.base import ModelLoadError
     from harness.models.llava_onevision import LlavaOneVision

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -157,8 +158,9 @@ def video_index(tokens) -> torch.Tensor:
     return torch.arange(tokens.shape[0], device=tokens.device)
 
 
-class VideoLLM:
-    """A video LLM behind the harness: a family subclasses it (see the module docstring)."""
+class VideoLLM(ABC):
+    """A video LLM behind the harness: a family subclasses it (see the module docstring) and must
+    supply every abstract method below (a family that misses one cannot be instantiated)."""
 
     family: ClassVar[str]
     model_class: ClassVar[str]  # the transformers class name
@@ -220,31 +222,34 @@ class VideoLLM:
 
     # ---- what a family supplies -------------------------------------------------------------------
     @classmethod
+    @abstractmethod
     def config_from_arch(cls, arch: dict, tokenizer):
         """The transformers config of `arch` (conf/model `arch`), with `tokenizer`'s special ids."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_video(self, path: str, frames: int):
         """The encoder's input for the video at `path`, `frames` frames sampled (harness.video)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def video_tokens(self, path: str, frames: int) -> int:
         """F'*N: the video tokens that video becomes, without encoding it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, pixels, needs: frozenset = frozenset(), timings: dict | None = None) -> Encoded:
-        raise NotImplementedError
+        """The vision side on `pixels`: F' x N x D tokens on their grid, plus the `needs` it provides."""
 
+    @abstractmethod
     def embed_video(self, ids: list[int], tokens, encoded: Encoded, full_video: int):
         """(embeds (1, T, D), positions, (start, end) of the video tokens) for prompt `ids`."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def llm(self) -> LLM:
-        raise NotImplementedError
+        """The decoder handle methods/decoder.py drives (embeddings, layers, rotary, norm, head)."""
 
+    @abstractmethod
     def vision_flops(self, frames: int, grid: tuple[int, int]) -> float:
-        raise NotImplementedError
+        """Analytic FLOPs of the vision encoder for `frames` frames giving a `grid` of tokens each."""
 
     # ---- shared ---------------------------------------------------------------------------------
     @property
