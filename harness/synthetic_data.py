@@ -132,10 +132,16 @@ def question(kind: str, answer: str) -> tuple[str, list[str], str]:
     return QUESTIONS[kind], [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)], LETTERS[options.index(answer)]
 
 
-def prompt_text(kind: str) -> str:
-    """What the model reads after the video (the lmms_eval task's doc_to_text)."""
-    text, options, _ = question(kind, OPTIONS[kind][0])
+def prompt_of(text: str, options: list[str]) -> str:
+    """What the model reads after the video: the question, its lettered options, the instruction
+    (the lmms_eval task's doc_to_text, and the trainer's prompts)."""
     return "\n".join([text, *options, PROMPT_SUFFIX])
+
+
+def prompt_text(kind: str) -> str:
+    """The prompt of a question of `kind` (the same for every clip)."""
+    text, options, _ = question(kind, OPTIONS[kind][0])
+    return prompt_of(text, options)
 
 
 def round_trip(frames: np.ndarray) -> np.ndarray:
@@ -188,6 +194,8 @@ def generate(data_dir: str | Path, clips: int = 240, seed: int = 0) -> Path:
                      "options": options, "answer": letter, "answer_text": clip.answers[kind]})
     tmp = questions.with_suffix(suffix)
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, questions)
+    # the stamp last: a run cut before it leaves the data to be written anew, never an older
+    # questions file under this recipe's stamp
     stamp.write_text(recipe)
-    os.replace(tmp, questions)  # the file's presence (with the stamp) marks a complete data set
     return questions

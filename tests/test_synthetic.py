@@ -152,25 +152,25 @@ def test_the_trainer_is_deterministic_for_a_seed(monkeypatch):
     assert rates[4:9] == pytest.approx([2e-3 * 0.5 * cosine[0], 2e-3 * cosine[1], 2e-3 * cosine[2], 1e-3, 1e-3 * 0.5])
 
 
-def test_recipe_errors_name_the_field():
+RECIPE = {"seed": 0, "frames": 8, "vision": {"steps": 1, "batch": 1, "lr": 1e-3, "warmup": 1},
+          "language": {"lr": 1e-3, "warmup": 1, "stages": [{"frames": 2, "steps": 1, "batch": 1}]}}
+
+
+def _set_stage(key, value):
+    return lambda r: r["language"]["stages"][0].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set_stage("frames", 40), r"model.train.language.stages\[0\].frames=40"),
+    (_set_stage("sides", {"small": [1, 9]}), r"language.stages\[0\].sides.small"),
+    (_set_stage("lr", 0), r"model.train.language.stages\[0\].lr=0: expected a number"),
+    (lambda r: r["vision"].pop("lr"), "missing field 'lr'"),
+])
+def test_recipe_errors_name_the_field(edit, message):
     from harness.train_micro import check_recipe
 
-    recipe = {"seed": 0, "frames": 8, "vision": {"steps": 1, "batch": 1, "lr": 1e-3, "warmup": 1},
-              "language": {"lr": 1e-3, "warmup": 1, "stages": [{"frames": 2, "steps": 1, "batch": 1}]}}
-    check_recipe(recipe)
-    bad = json.loads(json.dumps(recipe))
-    bad["language"]["stages"][0]["frames"] = 40
-    with pytest.raises(ValueError, match=r"model.train.language.stages\[0\].frames=40"):
-        check_recipe(bad)
-    bad = json.loads(json.dumps(recipe))
-    bad["language"]["stages"][0]["sides"] = {"small": [1, 9]}
-    with pytest.raises(ValueError, match=r"language.stages\[0\].sides.small"):
-        check_recipe(bad)
-    bad = json.loads(json.dumps(recipe))
-    bad["language"]["stages"][0]["lr"] = 0
-    with pytest.raises(ValueError, match=r"model.train.language.stages\[0\].lr=0: expected a number"):
-        check_recipe(bad)
-    bad = json.loads(json.dumps(recipe))
-    del bad["vision"]["lr"]
-    with pytest.raises(ValueError, match="missing field 'lr'"):
+    check_recipe(RECIPE)  # the unedited recipe is valid
+    bad = json.loads(json.dumps(RECIPE))
+    edit(bad)
+    with pytest.raises(ValueError, match=message):
         check_recipe(bad)

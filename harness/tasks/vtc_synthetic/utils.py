@@ -1,6 +1,6 @@
 """Prompt and scoring of the embedded synthetic task (lmms_eval task functions)."""
 
-from harness.synthetic_data import PROMPT_SUFFIX
+from harness.synthetic_data import prompt_of
 from harness.tasks.vtc_smoke.utils import extract_letter
 
 
@@ -10,7 +10,7 @@ def doc_to_visual(doc):
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
     # the same text the micro model was trained on (harness.synthetic_data.prompt_text)
-    return "\n".join([doc["question"], *doc["options"], PROMPT_SUFFIX])
+    return prompt_of(doc["question"], doc["options"])
 
 
 def process_results(doc, results):
