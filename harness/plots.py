@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; noteb
 import pandas as pd
 
 from harness.summary import TIMINGS
-from harness.table import breakdown_column, summaries_or_none
+from harness.table import benchmark_columns, breakdown_column, summaries_or_none
 
 X_AXES = {"rho_tok": "achieved token retention (%)", "rho_flops": "prefill FLOPs ratio (%)"}
 
@@ -40,17 +40,10 @@ def runs_frame(summaries: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _panels(df: pd.DataFrame) -> list[str]:
-    """Benchmarks in name order, each followed by its breakdown groups (as the table's columns)."""
-    whole = sorted(df.loc[df["whole"], "benchmark"].unique())
-    return [p for b in whole for p in [b] + sorted(x for x in df.loc[~df["whole"], "benchmark"].unique()
-                                                    if x.startswith(breakdown_column(b, "")))]
-
-
 def accuracy_vs_retention(df: pd.DataFrame, x: str = "rho_tok", columns: int = 3):
     """One panel per benchmark and breakdown group (`columns` a row), one line per method in a
     colour and marker of its own across panels, `none` dashed; one legend for the figure."""
-    panels = _panels(df)
+    panels = benchmark_columns(df)  # in the table's column order
     methods = sorted(set(df["method"]) - {"none"})
     colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     style = {m: (colours(i % colours.N), "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}

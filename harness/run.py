@@ -211,12 +211,10 @@ def prepare_model(cfg: DictConfig) -> str:
     (model.random_init)."""
     from harness.models.random_weights import random_model_dir
     from harness.models.tiny import build_tiny_model
-    from harness.train_micro import build_micro_model
+    from harness.train_micro import build_micro_model, recipe_of
 
     if cfg.model.train:
-        return str(build_micro_model(cfg.model.path, OmegaConf.to_container(cfg.model.arch, resolve=True),
-                                     OmegaConf.to_container(cfg.model.train, resolve=True),
-                                     progress=cfg.progress))
+        return str(build_micro_model(*recipe_of(cfg.model), progress=cfg.progress))
     if cfg.model.random_init:
         arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
         try:
@@ -231,10 +229,9 @@ def prepare_model(cfg: DictConfig) -> str:
 
 def model_is_built(cfg: DictConfig) -> bool:
     """Whether the model a training recipe (model.train) describes is already in the cache."""
-    from harness.train_micro import MARKER, model_dir
+    from harness.train_micro import MARKER, model_dir, recipe_of
 
-    return (model_dir(cfg.model.path, OmegaConf.to_container(cfg.model.arch, resolve=True),
-                      OmegaConf.to_container(cfg.model.train, resolve=True)) / MARKER).is_file()
+    return (model_dir(*recipe_of(cfg.model)) / MARKER).is_file()
 
 
 def prepare_task_data(cfg: DictConfig) -> None:

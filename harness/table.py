@@ -75,7 +75,7 @@ def breakdown_column(benchmark: str, group: str) -> str:
     return f"{benchmark}: {group}"
 
 
-def _columns(df: pd.DataFrame) -> list[str]:
+def benchmark_columns(df: pd.DataFrame) -> list[str]:
     """Whole benchmarks in name order, each followed by its breakdown groups in the order the runs
     report them."""
     columns = []
@@ -88,7 +88,7 @@ def _columns(df: pd.DataFrame) -> list[str]:
 
 def paper_table(df: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
     """Rows = method x setting (none first), columns = benchmarks, Avg., Retention, FLOPs."""
-    benchmarks = _columns(df)
+    benchmarks = benchmark_columns(df)
     keys = ["family", "model", "method", "setting"]
     scores = df.pivot_table(index=keys, columns="benchmark", values="score", aggfunc="first")
     scores = scores.reindex(columns=benchmarks)

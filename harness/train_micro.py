@@ -61,6 +61,15 @@ VERSION = 3  # bump when the training code changes what a recipe produces
 VALIDATION_CLIPS = 64
 
 
+def recipe_of(model) -> tuple[str, dict, dict]:
+    """(model.path, arch, training recipe) of a model config that has one (conf/model/micro.yaml),
+    as plain containers: what model_dir and build_micro_model take."""
+    from omegaconf import OmegaConf
+
+    return (model.path, OmegaConf.to_container(model.arch, resolve=True),
+            OmegaConf.to_container(model.train, resolve=True))
+
+
 def model_dir(path: str | Path, arch: dict, recipe: dict) -> Path:
     """Where the micro model of this architecture and recipe lives: `path` (model.path) with the
     key of both appended, so another recipe is another directory."""
@@ -488,16 +497,12 @@ def train(arch: dict, recipe: dict, progress: bool = True):
 
 
 def main(argv: list[str]) -> None:
-    from omegaconf import OmegaConf
-
     from harness.run import compose_config
 
-    cfg = compose_config(["model=micro", *argv])
-    arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
-    recipe = OmegaConf.to_container(cfg.model.train, resolve=True)
+    path, arch, recipe = recipe_of(compose_config(["model=micro", *argv]).model)
     check_recipe(recipe)
     started = time.perf_counter()
-    directory = build_micro_model(cfg.model.path, arch, recipe)
+    directory = build_micro_model(path, arch, recipe)
     print(f"micro model: {directory} ({time.perf_counter() - started:.0f} s)")
 
 

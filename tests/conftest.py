@@ -33,13 +33,10 @@ def tiny_model_dir(cache_dir) -> Path:
 def micro_model_dir(cache_dir) -> Path:
     """The trained micro model of conf/model/micro.yaml, where the harness looks for it (minutes,
     once per session; a later `python -m harness` with VTC_CACHE=cache_dir finds it built)."""
-    from omegaconf import OmegaConf
-
-    from harness.train_micro import build_micro_model
+    from harness.train_micro import build_micro_model, recipe_of
 
     cfg = make_cfg("model=micro", "task=synthetic", results_dir=cache_dir / "unused", cache_dir=cache_dir)
-    return build_micro_model(cfg.model.path, OmegaConf.to_container(cfg.model.arch, resolve=True),
-                             OmegaConf.to_container(cfg.model.train, resolve=True), progress=False)
+    return build_micro_model(*recipe_of(cfg.model), progress=False)
 
 
 @pytest.fixture(scope="session")

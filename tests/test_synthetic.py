@@ -123,14 +123,12 @@ def test_the_trainer_is_deterministic_for_a_seed(monkeypatch):
     """Two trainings of a shortened recipe give the same weights bit for bit (the full recipe is
     the same code with more steps)."""
     import torch
-    from omegaconf import OmegaConf
 
     from harness import train_micro
     from tests.conftest import make_cfg
 
     cfg = make_cfg("model=micro", "task=synthetic", results_dir="/unused", cache_dir="/unused")
-    arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
-    recipe = OmegaConf.to_container(cfg.model.train, resolve=True)
+    _, arch, recipe = train_micro.recipe_of(cfg.model)
     monkeypatch.setattr(train_micro, "VALIDATION_CLIPS", 8)  # validation does not train
     recipe["vision"]["steps"] = 4
     recipe["language"].update(lr=2e-3, warmup=2)
