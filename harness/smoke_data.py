@@ -36,10 +36,6 @@ def _clip(colour, direction, rng: random.Random) -> np.ndarray:
     return frames
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
-    encode_mp4(str(path), frames, fps)
-
-
 def _question(kind: str, answer: str, choices: list[str], rng: random.Random) -> tuple[str, list, str]:
     options = rng.sample([c for c in choices if c != answer], 3) + [answer]
     rng.shuffle(options)
@@ -61,7 +57,7 @@ def generate(data_dir: str | Path, clips: int = 24, seed: int = 0) -> Path:
     for i in range(clips):
         colour, direction = rng.choice(sorted(COLOURS)), rng.choice(sorted(DIRECTIONS))
         video = data_dir / "videos" / f"clip_{i:03d}.mp4"
-        write_mp4(video.with_suffix(suffix), _clip(colour, direction, rng))
+        encode_mp4(str(video.with_suffix(suffix)), _clip(colour, direction, rng), FPS)
         os.replace(video.with_suffix(suffix), video)
         kind = "colour" if i % 2 == 0 else "direction"
         answer, choices = (colour, sorted(COLOURS)) if kind == "colour" else (direction, sorted(DIRECTIONS))

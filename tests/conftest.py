@@ -50,7 +50,7 @@ def write_natural_video(path: Path, width: int, height: int, frames: int, fps: i
     """An mp4 with gradients, a moving hard-edged block and noise (where resampling matters)."""
     import numpy as np
 
-    from harness.smoke_data import write_mp4
+    from harness.video import encode_mp4
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
@@ -59,7 +59,7 @@ def write_natural_video(path: Path, width: int, height: int, frames: int, fps: i
         base = np.stack([(x * 255 / (width - 1)), (y * 255 / (height - 1)), ((x + y + 20 * t) % 256)], -1)
         base[height // 4:height // 2, width // 4 + 5 * t:width // 2 + 5 * t] = [250, 20, 30]
         clip.append(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
-    write_mp4(path, np.stack(clip), fps=fps)
+    encode_mp4(str(path), np.stack(clip), fps)
     return path
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.smoke_data import COLOURS, DIRECTIONS, _clip, write_mp4
+from harness.smoke_data import COLOURS, DIRECTIONS, FPS, _clip
+from harness.video import encode_mp4
 
 ROWS = 4  # the last one has a bad video
 LETTERS = "ABCDE"
@@ -104,7 +105,7 @@ def write_benchmark(name: str, root: Path) -> dict:
         video = fx.video_path(hf_home, row)
         video.parent.mkdir(parents=True, exist_ok=True)
         if i < ROWS - 1:
-            write_mp4(video, _clip(colour, direction, random.Random(i)))
+            encode_mp4(str(video), _clip(colour, direction, random.Random(i)), FPS)
         elif fx.bad_video == "corrupt":
             video.write_bytes(b"not a video" * 100)
         rows.append(row)
