@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.divprune import divprune_budget, divprune_compress, divprune_select
-from tests.divprune_reference import official_style_select, reference_select
+from tests.reference.divprune import official_style_select, reference_select
 
 
 def make_input(frames: int, per_frame: int, dim: int, seed: int = 0) -> torch.Tensor:

@@ -6,7 +6,7 @@ Visual stage (temporal token merging) at 32 x 196 x 3584 (LLaVA-OV-7B, 32 frames
   floor    the products no implementation can skip: every token's norm and the same-position dot
            products of the reduced frames with their partners (torch.linalg.vecdot on strided
            views), plus copying the kept tokens out;
-  literal  tests/dycoke_reference.py (Python loops, float64): too slow for the full size, so it is
+  literal  tests/reference/dycoke.py (Python loops, float64): too slow for the full size, so it is
            timed at 8 x 196 x 256 and compared there with ours at the same size.
 Decode stage (one step's selection over the V = 2960 video entries TTM leaves at 32 frames):
   floor    the step's attention row at layer L-1 that the selection cannot skip (7B shapes: 28 query
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.dycoke import dycoke_merge, merged_count, select_video_entries
-from tests.dycoke_reference import ReferenceSelection, reference_ttm
+from tests.reference.dycoke import ReferenceSelection, reference_ttm
 
 MERGE, PRUNE, THRESHOLD = 0.7, 0.7, 0.9
 

@@ -9,7 +9,7 @@ input actually gets (same segments, anchor frames and anchor counts): the per-an
 (M x M) distance products of the density-peak scores, batched, and each merge unit's
 (members x anchors) cosine product (and normalising the tokens). Not in the floor: gathering
 the non-salient tokens, the kNN and nearest-denser passes over the distances, the merge sums.
-The literal reference (tests/fastvid_reference.py: Python loops, float64, with the dense
+The literal reference (tests/reference/fastvid.py: Python loops, float64, with the dense
 products as tensor ops) runs once per input at the same size.
 
 Inputs: "scenes" is a video of a few scenes of different lengths (frames of a scene = its tokens
@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from methods.core.similarity import normalized
 from methods.fastvid import anchor_plan, budgets, fastvid_compress, segment_bounds
-from methods.frames import normalized
-from tests.fastvid_reference import reference_fastvid
+from tests.reference.fastvid import reference_fastvid
 
 SCENE_LENGTHS = [1, 3, 10, 4, 2, 6, 1, 5]  # 32 frames
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-import harness.config  # noqa: F401
-from harness.run import run
+import harness.run.config  # noqa: F401
+from tests.helpers import run_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -32,7 +32,7 @@ def arm(taus, limit, frames, cache_features: bool, root: Path, shared_cache: Pat
                 f"results_dir={root / 'results'}", f"cache_dir={shared_cache}", "progress=false",
                 f"feature_cache={str(cache_features).lower()}", f"run_id=tau{tau}"])
         start = time.perf_counter()
-        run(cfg)
+        run_config(cfg)
         times.append(time.perf_counter() - start)
     return sum(times), times
 

@@ -7,7 +7,7 @@
    (`merge_step`): the first site (every frame complete; half the grid positions nearly static) and a
    later one (30 % of the tokens already merged away, ragged per-position chains). Floor: the
    similarity products no implementation can skip on ragged chains: each token's norm, the
-   gather of its predecessor's row and the row-wise dots. Literal: tests/framefusion_reference.py
+   gather of its predecessor's row and the row-wise dots. Literal: tests/reference/framefusion.py
    (Python loops, float64), one run. The pruning site's work is one attention row at one layer,
    PyramidDrop's ranking (benchmarks/bench_pdrop.py, part 1).
 2. A whole prefill through the shared driver on a random Qwen2 LLM with 0.5B layer shapes and 8
@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_pdrop import TEXT, Stopwatch, best_times, qwen2, video_prompt
-from methods import decoder
-from methods.flops import retention_numbers
+from methods.core import decoder
+from methods.core.flops import retention_numbers
 from methods.framefusion import FrameFusion, merge_step
-from tests.framefusion_reference import reference_merge_step
+from tests.reference.framefusion import reference_merge_step
 
 
 def site_input(frames, dim, ragged, seed=0):

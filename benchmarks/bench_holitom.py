@@ -11,7 +11,7 @@ consecutive frames (F-1 x N dot products of length D), for every clustering the 
 tokens) its pairwise-distance product and one read of its tokens (the cluster means need every
 member), the static means themselves and gathering the M output rows.
 Inner merge (`inner_merge`, V video tokens, keep 0.5, D = 3584): the floor is normalising the
-states and the (V - k) x k cosine product with its argmax. Literal: tests/holitom_reference.py
+states and the (V - k) x k cosine product with its argmax. Literal: tests/reference/holitom.py
 (Python loops, float64) at a smaller size, since its pair loops are too slow at full size; for the
 inner merge, the official loop (one matmul, then a Python loop of V - k row updates).
 
@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods.clustering import pairwise_distance
-from methods.frames import normalized, same_position_similarity
+from methods.core.clustering import pairwise_distance
+from methods.core.similarity import normalized, same_position_similarity
 from methods.holitom import holitom_visual, inner_merge
-from tests.holitom_reference import reference_inner_merge, reference_visual
+from tests.reference.holitom import reference_inner_merge, reference_visual
 
 RETENTION, TAU = 0.25, 0.8
 

@@ -8,7 +8,7 @@
    entry's attention row at the layer it precedes, top-k) vs its floor, the products no
    implementation can skip: the layer's input norm and key projection of all n entries with their
    rotary embedding, and the last entry's query. The literal reference's ranking step
-   (tests/pdrop_reference.py: a Python sort of the scores) is checked to keep the same set and timed.
+   (tests/reference/pdrop.py: a Python sort of the scores) is checked to keep the same set and timed.
 2. A whole prefill through the shared driver on a random Qwen2 LLM with 0.5B layer shapes
    (d = 896, m = 4864, 14 heads, 2 KV heads) and 8 layers, F frames + 100 text tokens: prefill time
    without a policy, with PyramidDrop (lambda = 0.5, layers 2, 4, 6), the policy's own time inside it
@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods import decoder
-from methods.decoder import PrefillView
-from methods.flops import LLMShape, retention_numbers
+from methods.core import decoder
+from methods.core.decoder import PrefillView
+from methods.core.flops import LLMShape, retention_numbers
 from methods.pdrop import PyramidDrop
 
 TEXT = 100
@@ -121,7 +121,7 @@ def ranking_view(frames, seed=0):
 
 
 def part_ranking(frames, repeats):
-    from tests.pdrop_reference import reference_counts
+    from tests.reference.pdrop import reference_counts
 
     view, layer, (cos, sin), rope = ranking_view(frames)
     shape = LLMShape(3584, 18944, 28)

@@ -6,7 +6,7 @@
 Input: LLaVA-OV-7B sizes, (32, 196, 3584) float32 on the CPU. Pooling has no similarity products:
 the floor is one read of X (a sum over its tokens) plus writing the M output tokens to a fresh tensor. Also timed:
 the spec's literal call, `adaptive_avg_pool3d` on X viewed as (D, F, 14, 14) (it needs X transposed
-to that layout), and the literal reference (tests/pllava_reference.py: one Python loop per output
+to that layout), and the literal reference (tests/reference/pllava.py: one Python loop per output
 cell and window element, float64), once. Target: ours <= 2x floor. CPU timings take the minimum over
 interleaved repetitions (other processes on the machine inflate them: the load average is printed).
 On a loaded machine every 2-thread op may also wait for its descheduled sibling thread, which
@@ -28,7 +28,7 @@ import torch.nn.functional as nnf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.pllava import pllava_pool, pooling_shape
-from tests.pllava_reference import reference_pllava
+from tests.reference.pllava import reference_pllava
 
 FRAMES, TOKENS, DIM = 32, 196, 3584
 SETTINGS = [(0.25, 1), (0.1, 1), (0.5, 1), (0.25, 2), (0.9, 1)]

@@ -9,7 +9,7 @@ normalise it and to sum unit vectors and tokens per segment (the static test and
 means), and the Gram matrix of every clustered set (the segment's static set, each frame's dynamic
 set: (n, n) products over D), from which the DPC distances come, and the merge of each clustered
 set into its clusters (one pass over the set, a product with a one-hot matrix). The literal reference
-(tests/prunevid_reference.py: float64, Python loops) is timed on a smaller video (it takes
+(tests/reference/prunevid.py: float64, Python loops) is timed on a smaller video (it takes
 minutes at full size): the ratio is a speed-up, not a target.
 
 Prefill stage (`question_scores`, what the policy adds to the prefill): on a Qwen2-7B-shaped
@@ -32,10 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods.attention import project
-from methods.frames import normalized, segment_ids
-from methods.prunevid import MIN_CLUSTERED, frame_segments, prunevid_compress, question_scores
-from tests.prunevid_reference import reference_prunevid
+from methods.core.attention import project
+from methods.core.similarity import normalized, segment_ids
+from methods.prunevid import (
+    MIN_CLUSTERED,
+    frame_segments,
+    prunevid_compress,
+    question_scores,
+)
+from tests.reference.prunevid import reference_prunevid
 
 
 def make_input(kind: str, frames: int, per_frame: int, dim: int, seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,7 @@ The floor is the dense work no implementation of the spec can skip, on the same 
 row-normalising X, the per-frame (F, N, N) similarity batch, the temporal similarity matrix on
 as many tokens as the spatial step actually produced, and the final (F*N x M) assignment
 product. Two Python union-finds, both in float32 with the same output as ours:
-  literal  tests/scissor_reference.py: the spec step by step, a plain list-based union-find;
+  literal  tests/reference/scissor.py: the spec step by step, a plain list-based union-find;
   ref-uf   reference_code_style_scissor: the paper's reference code step by step (numpy
            union-find by rank over the edges of the sampled nodes), with true components.
 
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.scissor import scissor_compress, semantic_connected_components
-from tests.scissor_reference import (
+from tests.reference.scissor import (
     reference_code_style_scissor,
     reference_scissor,
 )

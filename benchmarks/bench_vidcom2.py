@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.vidcom2 import vidcom2_compress, vidcom2_keep
-from tests.vidcom2_reference import official_style_vidcom2, reference_vidcom2
+from tests.reference.vidcom2 import official_style_vidcom2, reference_vidcom2
 
 
 def make_input(frames: int, per_frame: int, dim: int, seed: int = 0) -> torch.Tensor:

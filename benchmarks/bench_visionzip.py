@@ -11,7 +11,7 @@ The floor is the work no implementation can skip on the same input: resizing the
 to the 14x14 grid, the (F, R, C) x (F, C, k_c) cosine product of the normalised keys of the
 remaining tokens with the targets', one read of X (every non-dominant token is merged) and writing
 the F*k output tokens to a fresh tensor (its page faults included). The
-literal reference (tests/visionzip_reference.py: Python loops over frames, tokens and targets,
+literal reference (tests/reference/visionzip.py: Python loops over frames, tokens and targets,
 float64) runs once at the full size (wall time). Target: ours <= 2x floor. CPU timings take the minimum over
 interleaved repetitions (other processes on the machine inflate them: the load average is printed).
 On a loaded machine every 2-thread op may also wait for its descheduled sibling thread, which
@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods
-from methods.base import VisualInput
+from methods.core.base import VisualInput
 from methods.topk import pooled_scores
 from methods.visionzip import token_split
-from tests.visionzip_reference import reference_visionzip
+from tests.reference.visionzip import reference_visionzip
 
 FRAMES, TOKENS, DIM, HEAD_DIM = 32, 196, 3584, 72
 

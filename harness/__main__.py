@@ -13,31 +13,22 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import harness.config  # noqa: F401  (registers the structured schemas and resolvers)
+import harness.run.config  # noqa: F401  (registers the structured schemas, method knobs and sweeps)
 from harness.errors import ConfigError
 from harness.models.base import ModelLoadError
-
-
-def _where(cfg: DictConfig) -> str:
-    """'; results in DIR' for the run `cfg` describes, when its directory exists."""
-    from pathlib import Path
-
-    from harness.run import choose_method, run_id
-
-    try:
-        path = Path(cfg.results_dir) / (cfg.run_id or run_id(cfg, choose_method(cfg)))
-    except Exception:  # the error being reported may be this very config's
-        return ""
-    return f"; results in {path}" if path.is_dir() else ""
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig):
     from harness.quiet import log_file
-    from harness.run import record_job_error, record_job_output, run
+    from harness.report.sweep import record_job_error, record_job_output
+    from harness.run.evaluate import run, run_dir_of
+    from harness.run.job import job_from_config
 
+    job = None
     try:
-        path = run(cfg)
+        job = job_from_config(cfg)
+        path = run(job)
     except (ConfigError, ModelLoadError) as err:
         message = str(err)
     except Exception as err:  # noqa: BLE001  (every failure becomes one line; the log keeps it all)
@@ -45,14 +36,15 @@ def main(cfg: DictConfig):
             raise
         logging.getLogger("harness").exception("the run failed")
         log = log_file()
+        where = run_dir_of(job) if job is not None else None
         message = (f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                    + (f" (full traceback in {log}" if log else " (run with HYDRA_FULL_ERROR=1 for the traceback")
-                   + f"{_where(cfg)})")
+                   + (f"; results in {where})" if where is not None and where.is_dir() else ")"))
     else:
         record_job_output(path)
         return str(path)
     print(f"error: {message}", file=sys.stderr)
-    if record_job_error(message):  # in a sweep: this point is reported, the others still run
+    if record_job_error(message):  # in a multirun: this point is reported, the others still run
         return None
     sys.exit(2)
 

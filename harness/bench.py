@@ -39,9 +39,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import methods
 from harness.models.base import VideoLLM
-from methods.flops import LLMShape, prefill_flops
+from methods.core.flops import LLMShape, prefill_flops
 
 DEFAULT_METHODS = ["none", "scissor", "fastv", "topk", "uniform", "pllava", "visionzip", "dycoke", "vidcom2",
                    "fastvid", "holitom", "prunevid", "divprune", "pdrop", "framefusion"]
@@ -100,23 +99,24 @@ class PeakMemory:
 
 
 def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def build(spec: str, retention: float | None, visual, full_video: int, text_tokens: int, shape: LLMShape):
     """The compressor a spec names, at `retention`: its declared knob set directly, or searched as
     `retention=` does in a run, on the videos `visual(needs)` encodes (a list of VisualInput)."""
+    from harness.run.calibrate import CalibrationSet, search
+    from harness.run.method import choose_method
+
     name, knobs = parse_method(spec)
-    compressor = methods.build(name, **knobs)
+    choice = choose_method({"name": name, **knobs}, retention=retention)
+    compressor = choice.compressor
     if retention is None or compressor.reference:
         return compressor, spec
-    mapping = compressor.retention_knob
-    if mapping is None:
-        raise ValueError(f"--retentions: {name} has no retention to set")
-    if mapping.direct:
-        return compressor.with_knob(mapping.knob, retention), f"{spec} r={retention:g}"
-    from harness.calibrate import CalibrationSet, search
+    if choice.target_retention is None:  # its declared knob took the retention directly
+        return compressor, f"{spec} r={retention:g}"
 
     videos = visual(compressor.needs) if compressor.has("visual") else None
     count = len(videos) if videos is not None else 1
@@ -191,7 +191,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 def synthetic_visual(frames: int, tokens: int, dim: int, seed: int = 0):
     """Features of a few objects shared across frames (token = centroid + noise), with the encoder
     inputs methods may ask for (27x27 patch scores and keys, 1152-wide encoder states)."""
-    from methods.base import VisualInput
+    from methods.core.base import VisualInput
 
     g = torch.Generator().manual_seed(seed)
     centroids = torch.randn(64, dim, generator=g)
@@ -219,10 +219,13 @@ def compressors_only(specs: list[str], retentions: list[float] | None, shape: tu
                      repeats: int) -> pd.DataFrame:
     """Each method's own work at F x N x D, and its share of the LLM prefill of that many tokens."""
     from transformers import Qwen2Config
-    from transformers.models.qwen2.modeling_qwen2 import (Qwen2DecoderLayer, Qwen2RotaryEmbedding,
-                                                          apply_rotary_pos_emb)
+    from transformers.models.qwen2.modeling_qwen2 import (
+        Qwen2DecoderLayer,
+        Qwen2RotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
 
-    from methods.decoder import PrefillView
+    from methods.core.decoder import PrefillView
 
     frames, tokens, dim = shape
     visual = synthetic_visual(frames, tokens, dim)
@@ -283,13 +286,16 @@ def load_model(overrides: list[str], model_path: str | None, dtype: str | None, 
     if model_path is not None:
         return (adapter_class(family_of(model_path))(model_path, dtype=dtype or "float32", device=device),
                 Path(model_path).name)
-    from harness.run import compose_config, prepare_model
+    from harness.models.prepare import model_directory
+    from harness.run.config import compose_config
+    from harness.run.job import job_from_config
 
-    cfg = compose_config(overrides)
-    path = prepare_model(cfg)
-    adapter = adapter_class(cfg.model.family)(path, dtype=dtype or cfg.model.dtype, device=device,
-                                              attn_implementation=cfg.model.attn_implementation)
-    return adapter, cfg.model.name
+    job = job_from_config(compose_config(overrides))
+    model = job.model
+    path = model_directory(model, job.cache_dir, job.seed, progress=False)
+    adapter = adapter_class(model.family)(path, dtype=dtype or model.dtype, device=device,
+                                          attn_implementation=model.attn_implementation)
+    return adapter, model.name
 
 
 def main(argv=None) -> int:
@@ -318,7 +324,7 @@ def main(argv=None) -> int:
         return 0
     adapter, name = load_model(args.overrides, args.model, args.dtype, args.device)
     if args.video_dir is None:
-        from harness.synthetic_data import generate
+        from harness.data.synthetic import generate
 
         args.video_dir = generate(Path(os.environ.get("VTC_CACHE", ".cache")) / "data" / "vtc_synthetic").parent / "videos"
     videos = sorted(args.video_dir.glob("*.mp4"))[: args.videos]

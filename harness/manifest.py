@@ -6,4 +6,4 @@ registry list and resolve the class too.
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-MANIFEST = ModelManifest(model_id="vtc", simple_class_path="harness.lmms_model.VTCModel")
+MANIFEST = ModelManifest(model_id="vtc", simple_class_path="harness.run.requests.VTCModel")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from methods.base import Compressor, RetentionKnob, VideoTokens, VisualInput, check_range
+from methods.core.base import Compressor, RetentionKnob, VideoTokens, VisualInput
 
 REGISTRY: dict[str, type[Compressor]] = {}
 
@@ -39,4 +39,4 @@ def build(name: str, **knobs) -> Compressor:
     return REGISTRY[name].from_knobs(**knobs)
 
 
-__all__ = ["Compressor", "RetentionKnob", "VideoTokens", "VisualInput", "REGISTRY", "register", "build", "known", "check_range"]
+__all__ = ["Compressor", "RetentionKnob", "VideoTokens", "VisualInput", "REGISTRY", "register", "build", "known"]

@@ -4,17 +4,19 @@ First the token farthest (in cosine distance) from its nearest other token, then
 token farthest from everything selected so far, until the budget is reached; the kept tokens are
 output unchanged in original order. Over the whole video (scope=video) or per frame (scope=frame).
 
-Spec: shared/spec/methods-video.md, "DivPrune". Official code followed: the `divprune` function
-of vbdi/divprune (LLaVA 1.5/1.6 `LLaVA/llava/model/llava_arch.py`), verbatim in ModelTC/llmc
-`llmc/compression/token_reduction/divprune.py`; it has no LLaVA-OneVision/video version. As the
-official code: the distance is `1 - cos` on the post-projector tokens, the first pick is the
-argmax of each token's smallest distance to the others, each next one the argmax of the smallest
-distance to the selected set, `torch.argmax` ties go to the first (lowest) index, the budget is
-`round(r * n)` (half to even), the output is the kept rows in ascending index order and they take
-consecutive positions (official: spliced into the sequence, positions renumbered).
+Paper: Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models",
+CVPR 2025, arXiv:2503.02175. Official code followed: vbdi/divprune, read at commit 799e2d9,
+`LLaVA/llava/model/llava_arch.py` (LLaVA 1.5/1.6), `LlavaMetaForCausalLM.DivPrune`, verbatim as the
+`divprune` function of ModelTC/llmc `llmc/compression/token_reduction/divprune.py` (read at commit
+05eedff0); it has no LLaVA-OneVision/video version. As the official code: the distance is `1 - cos`
+on the post-projector tokens, the first pick is the argmax of each token's smallest distance to the
+others, each next one the argmax of the smallest distance to the selected set, `torch.argmax` ties
+go to the first (lowest) index, the budget is `round(r * n)` (half to even), the output is the kept
+rows in ascending index order and they take consecutive positions (official: spliced into the
+sequence, positions renumbered).
 scope=video prunes all F*N video tokens at once (the official code prunes all visual tokens of a
-sample at once); the single trailing newline is not a candidate and always stays (the spec counts
-F*N). scope=frame is the spec's option: each frame keeps `round(r * N)` of its own tokens.
+sample at once); the single trailing newline is not a candidate and always stays (this harness
+counts F*N). scope=frame is this harness's option: each frame keeps `round(r * N)` of its own tokens.
 
 Cost: the greedy loop keeps each candidate's running minimum distance to the selected set, so a
 step is one (n,)-vector update with the newly selected token's row of the distance matrix: O(k*n)
@@ -31,11 +33,11 @@ Deviations:
 - already-selected tokens are masked out of later picks: the official code does not mask them and
   can re-pick one (duplicate index, fewer distinct tokens) once every remaining token duplicates a
   selected one. Here exactly k distinct tokens are kept; otherwise the same picks.
-- the first pick uses the minimum over the other tokens (the spec), over both D[i, j] and D[j, i]:
-  the most isolated token is often one of a mutually nearest pair, an exact tie in exact arithmetic
-  that goes to the lower index (the lead's tie rule); the official code takes the second-smallest
-  entry of each column including the self-distance, so the last bit of the (possibly asymmetric)
-  product decides that tie, and a self-distance above a near-duplicate's distance changes it.
+- the first pick uses the minimum over the other tokens (choice of this harness), over both D[i, j]
+  and D[j, i]: the most isolated token is often one of a mutually nearest pair, an exact tie in exact
+  arithmetic that goes to the lower index (this harness's tie rule); the official code takes the
+  second-smallest entry of each column including the self-distance, so the last bit of the (possibly
+  asymmetric) product decides that tie, and a self-distance above a near-duplicate's distance changes it.
 - a zero token has cosine 0 to every token (distance 1); official: 0/0 = NaN.
 - the budget is at least one token (official: round(r * n) may be 0, an empty video).
 - float32 (float64 for float64 input) instead of the model's fp16/bf16, which moves near-ties.
@@ -43,13 +45,14 @@ Deviations:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VisualInput, check_range
+from methods.core.base import Compressor, RetentionKnob, VisualInput, fraction, knob
+from methods.core.select import kept_count
+from methods.core.similarity import checked_features, compute_dtype, unit_rows
 
 __all__ = ["SCOPES", "divprune_budget", "divprune_compress", "divprune_select"]
 
@@ -58,17 +61,7 @@ SCOPES = ("video", "frame")
 
 def divprune_budget(retention: float, n: int) -> int:
     """Tokens kept out of n: `round(r * n)` (Python round, half to even), at least one."""
-    return max(1, round(retention * n))
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their L2 norm; zero rows stay zero (cosine 0 to everything)."""
-    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / torch.where(norms > 0, norms, 1.0)
+    return kept_count(retention, n)
 
 
 @torch.no_grad()
@@ -81,7 +74,7 @@ def divprune_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
     batch, n, _ = tokens.shape
     if not 1 <= k <= n:
         raise ValueError(f"divprune: k={k}: expected 1 <= k <= n={n}")
-    u = _unit_rows(tokens.to(_compute_dtype(tokens.dtype)))
+    u = unit_rows(tokens.to(compute_dtype(tokens.dtype)))
     dist = torch.matmul(u, u.mT).neg_().add_(1.0)  # (B, n, n): 1 - cos, the official distance
     del u
     diag = dist.diagonal(dim1=-2, dim2=-1)
@@ -110,13 +103,8 @@ def divprune_compress(features: torch.Tensor, retention: float = 0.25, scope: st
 
     scope="video": M = max(1, round(r*F*N)) over all tokens; scope="frame": max(1, round(r*N)) per frame.
     """
-    _check_knobs(retention, scope)
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features: expected a torch.Tensor, got {type(features).__name__}")
-    if features.dim() != 3 or 0 in features.shape:
-        raise ValueError(f"features: expected a non-empty (F, N, D) tensor, got shape {tuple(features.shape)}")
-    if not features.is_floating_point():
-        raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
+    DivPrune.check_knobs(retention=retention, scope=scope)
+    checked_features(features)
     frames, per_frame, dim = features.shape
     flat = features.reshape(frames * per_frame, dim)
     if scope == "video":
@@ -129,14 +117,6 @@ def divprune_compress(features: torch.Tensor, retention: float = 0.25, scope: st
     return flat.index_select(0, index)
 
 
-def _check_knobs(retention: float, scope: str) -> None:
-    check_range("divprune.retention", retention, 0.0, 1.0, low_open=True)
-    if math.isnan(retention):  # compares false with everything, so check_range lets it through
-        raise ValueError("divprune.retention=nan: expected a value in (0.0, 1.0]")
-    if scope not in SCOPES:
-        raise ValueError(f"divprune.scope={scope!r}: expected one of {', '.join(SCOPES)}")
-
-
 @register
 @dataclass
 class DivPrune(Compressor):
@@ -145,11 +125,8 @@ class DivPrune(Compressor):
     name = "divprune"
     stages = frozenset({"visual"})
     retention_knob = RetentionKnob("retention", direct=True)
-    retention: float = 0.25
-    scope: str = "video"
-
-    def __post_init__(self):
-        _check_knobs(self.retention, self.scope)
+    retention: float = fraction(0.25, "share of video tokens kept")
+    scope: str = knob("video", "select over the whole video or per frame", kind="choice", choices=SCOPES)
 
     def compress(self, x: VisualInput) -> torch.Tensor:
         return divprune_compress(x.features, self.retention, self.scope)

@@ -4,19 +4,21 @@ Visual stage (TTM): each frame that is not a multiple of 4 keeps only its tokens
 the same position of a partner frame. Decode stage: at every generated token, layers >= L attend
 only to the video entries the token attended to most at layer L-1, re-chosen when attention drifts.
 
-Spec: shared/spec/methods-video.md, "DyCoke". Official code: KD-TAO/DyCoke,
+Paper: Tao et al., "DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models",
+CVPR 2025, arXiv:2411.15024. Official code: KD-TAO/DyCoke, read at commit dd74634,
 `llava/model/llava_arch.py` (`dycole_ttm`), `llava/model/language_model/modeling_qwen2.py`
 (`PrunableDynamicCache.dycoke_pruning`, `update_cache`, the layer loop of `Qwen2Model.forward`),
-`lmms_eval/models/llava_onevision.py` (defaults); research notes: notes/seed_methods.md, section 1.
+`llava/model/language_model/llava_qwen.py` (`init_dycoke`, `DycokeConfigs`) and
+`lmms_eval/models/llava_onevision.py` (defaults).
 
-Visual stage, per spec: with keep = int((1 - K) * N) (N = 196 tokens per frame; K = 0.7 gives 58),
+Visual stage: with keep = int((1 - K) * N) (N = 196 tokens per frame; K = 0.7 gives 58),
 odd frame 2j+1 keeps its `keep` tokens least similar (cosine, same grid position) to frame 2j;
 frame i+2 (i = 0, 4, 8, ...) keeps its `keep` tokens least similar to frame i. Frames 0, 4, 8, ...
 keep all N. The output is the tokens in frame order, each frame's kept tokens in grid order, at
 contiguous positions (as the official code, which renumbers positions like every LLaVA input).
 With F odd, the last frame has no stage-1 partner but, when F-1 = 2 (mod 4), it is still the
-"i+2" of the stage-2 window (F-3, F-1), so it is reduced against frame F-3 (the spec's list of
-windows; only frames 0 (mod 4) have no partner at all).
+"i+2" of the stage-2 window (F-3, F-1), so it is reduced against frame F-3 (choice of this harness:
+every window (i, i+2) with i = 0 (mod 4) and i+2 < F; only frames 0 (mod 4) have no partner at all).
 
 Decode stage: a DecodePolicy at layer L. At each decode step it takes the current token's
 attention at layer L-1 (mean over heads, over the layer's whole cache + itself, not renormalised)
@@ -31,21 +33,23 @@ L's video entries with layer L-1's attention, so at its first step the policy ch
 layers cache the same entries: in a pipeline whose prefill stage acts exactly at L they do not,
 and that is an error (any other prefill layer is fine).
 
-Deviations from the official code (each named in notes/seed_methods.md, "Spec vs official code"):
-- stage 1 compares frame 2j+1 with frame 2j (spec); the official loop indexes the similarities with
-  `(i-2)//2`, so each odd frame is pruned by the previous pair's similarity (pair 0 by the last's).
-- the last stage-2 window is included (spec, lead's decision): the official `range(0, F-4, 4)`
+Deviations from the official code:
+- stage 1 compares frame 2j+1 with frame 2j, as the official code at dd74634 (`similarities[i // 2]`,
+  since commit 35cc532); the first commit 26dc6f4 indexed the similarities with `(i-2)//2`, so each
+  odd frame was pruned by the previous pair's similarity (pair 0 by the last's).
+- the last stage-2 window is included (choice of this harness): the official `range(0, F-4, 4)`
   skips (F-4, F-2) when F = 0 (mod 4) (F = 32: 2960 video tokens here, 3098 officially).
-- kept tokens in grid order (spec's ordering rule, lead's decision); the official `topk(...,
-  largest=False)` emits them most-dissimilar first. Ties: stable, lower index first (official
-  `torch.topk` ties are unspecified).
-- frames without a partner keep all tokens (spec); the official code drops the last frame of an odd
-  F and fails for F <= 4 (empty stage-2 list) and F = 1.
-- the decode selection is reused while cos(this step, the selecting step) >= threshold (spec); the
-  official code compares with the previous step, and on "similar" steps does not prune at all
-  (its `kv_cache` was reset to None at layer 0), pruning only on steps where attention changed.
-  Moreover the official decode stage never runs: `Qwen2Model.forward` reads `self.dycoke` of the
-  inner model, which `init_dycoke` never sets (KD-TAO/DyCoke issue #6).
+- kept tokens in grid order (choice of this harness: outputs keep the frame-major, row-major
+  order); the official `topk(..., largest=False)` emits them most-dissimilar first. Ties: stable,
+  lower index first (official `torch.topk` ties are unspecified).
+- frames without a partner keep all tokens (choice of this harness); the official code drops the
+  last frame of an odd F and fails for F <= 4 (empty stage-2 list) and F = 1.
+- the decode selection is reused while cos(this step, the selecting step) >= threshold (choice of
+  this harness); the official code compares with the previous step, and on "similar" steps does not
+  prune at all (its `kv_cache` was reset to None at layer 0), pruning only on steps where attention
+  changed. Moreover, before commit 8df4296 the official decode stage never ran: `Qwen2Model.forward`
+  reads `self.dycoke` of the inner model, which `init_dycoke` did not set (KD-TAO/DyCoke issue #6);
+  8df4296 sets it in `init_dycoke` and `generate`.
 - the video span is the true one from the harness (V entries); the official span starts at a
   hard-coded index 14 and has V-1 entries (the last video token is always kept).
 - the selection state is per generation; the official `attention_score` is never reset between
@@ -53,29 +57,36 @@ Deviations from the official code (each named in notes/seed_methods.md, "Spec vs
 - similarities and attention are computed in float32 (official: the model dtype, fp16).
 - layer default: the official L = 3 of 28 layers (LLaVA-OV-7B), scaled to the model's depth as
   round(3 * depth / 28), at least 1 and below the depth, when `layer` is left unset (None); the
-  decision uses layer L-1's attention as the official code (the spec says "at layer L").
-- defaults K = 0.7, L = 3, P = 0.7 are the spec's (= the README example); the official eval.sh
-  runs the wrapper's P = 0.8.
+  decision uses layer L-1's attention as the official code (rather than layer L's own).
+- defaults K = 0.7, L = 3, P = 0.7 are this harness's choice (= the official README example); the
+  official `eval.sh` runs the wrapper's P = 0.8.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VisualInput, check_int, check_range
-from methods.decoder import DecodeView
-from methods.flops import LLMShape
-from methods.frames import cosine
-from methods.select import top_k_ascending
+from methods.core.base import (
+    Compressor,
+    RetentionKnob,
+    VisualInput,
+    check_layer,
+    cosine_threshold,
+    layer,
+    share,
+)
+from methods.core.decoder import DecodeView
+from methods.core.flops import LLMShape
+from methods.core.select import top_k_ascending
+from methods.core.similarity import cosine
 
 __all__ = ["DyCoke", "DynamicKVSelection", "decode_layer", "dycoke_merge", "kept_per_frame",
            "merged_count", "select_video_entries"]
 
-OFFICIAL_LAYER, OFFICIAL_DEPTH = 3, 28  # dycoke_l=3 on the 28-layer LLaVA-OV-7B
+OFFICIAL_LAYER = 3  # dycoke_l=3 on the 28-layer LLaVA-OV-7B
 
 
 # ---- visual stage: temporal token merging ---------------------------------------------------------
@@ -140,12 +151,8 @@ def select_video_entries(attention: torch.Tensor, keep: int, selected: torch.Ten
 def decode_layer(layer: int | None, depth: int) -> int:
     """The layer the selection applies from: `layer`, or the official 3 of 28 scaled to `depth`."""
     if layer is None:
-        if depth < 2:
-            raise ValueError(f"dycoke: an LLM of {depth} layer(s) has no layer L with 1 <= L < depth")
-        return min(depth - 1, max(1, round(OFFICIAL_LAYER * depth / OFFICIAL_DEPTH)))
-    if layer >= depth:
-        raise ValueError(f"dycoke.layer={layer}: expected layer < {depth}, the LLM's number of layers")
-    return layer
+        return LLMShape(0, 0, depth).scaled_layer(OFFICIAL_LAYER)
+    return check_layer("dycoke.layer", layer, depth)
 
 
 @dataclass
@@ -177,12 +184,6 @@ class DynamicKVSelection:
 
 
 # ---- the compressor -------------------------------------------------------------------------------
-def _check_number(name: str, value, low: float, high: float) -> None:
-    check_range(name, value, low, high)
-    if math.isnan(value):  # compares false with everything, so check_range lets it through
-        raise ValueError(f"{name}=nan: expected a number")
-
-
 @register
 @dataclass
 class DyCoke(Compressor):
@@ -192,19 +193,14 @@ class DyCoke(Compressor):
     name = "dycoke"
     stages = frozenset({"visual", "decode"})
     # retention sets K (the visual stage's token retention falls as K rises); P stays as given
-    retention_knob = RetentionKnob("merge_ratio", measure="rho_tok", low=0.0, high=1.0, increasing=False)
+    retention_knob = RetentionKnob("merge_ratio", measure="rho_tok", increasing=False)
     label_knobs = ("merge_ratio", "prune_ratio")
-    merge_ratio: float = 0.7  # K
-    layer: int | None = None  # L; None: the official 3 of 28 layers, scaled to the model's depth
-    prune_ratio: float = 0.7  # P
-    reprune_threshold: float = 0.9
-
-    def __post_init__(self):
-        _check_number("dycoke.merge_ratio", self.merge_ratio, 0.0, 1.0)
-        _check_number("dycoke.prune_ratio", self.prune_ratio, 0.0, 1.0)
-        _check_number("dycoke.reprune_threshold", self.reprune_threshold, -1.0, 1.0)
-        if self.layer is not None:
-            check_int("dycoke.layer", self.layer, 1)
+    merge_ratio: float = share(0.7, "K: share of a reduced frame's tokens merged away")
+    layer: int | None = layer(None, "L: decode layers from L on attend to the selected video entries "
+                              "(null: the official 3 of 28, scaled to the model's depth)")
+    prune_ratio: float = share(0.7, "P: share of the video KV entries hidden while decoding")
+    reprune_threshold: float = cosine_threshold(0.9, "reselect when the attention's cosine to the "
+                                                "selecting step's falls below this")
 
     def compress(self, x: VisualInput) -> torch.Tensor:
         return dycoke_merge(x.features, self.merge_ratio)

@@ -1,10 +1,14 @@
 """FastV: prune video tokens inside the LLM, by the attention the last prompt token pays them.
 
-Spec: shared/spec/methods.md ("FastV"); retention and FLOPs: shared/spec/measurement.md.
-Official code: pkunlp-icler/FastV (`src/FastV/inplace/fastv_inplace.py`); the spec's KV-cache rule
-(layers >= K cache only the kept tokens, at their original positions) fixes its known cache bug.
+Paper: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration
+for Large Vision-Language Models", ECCV 2024, arXiv:2403.06764. Retention and FLOPs: methods/core/flops.py.
+Official code: pkunlp-icler/FastV, read at commit d165972,
+`src/transformers/src/transformers/models/llama/modeling_llama.py`, `LlamaModel.forward` (its
+`FASTV_INPLACE` branch: top-k of layer K-1's head-mean attention of the last token, kept tokens at
+their original position ids). That branch is marked "KV-Cache not supported"; the KV-cache rule
+(choice of this harness: layers >= K cache only the kept tokens, at their original positions) fixes it.
 
-A prefill policy of the shared decoder driver (`methods.decoder`): before layer K it takes one row
+A prefill policy of the shared decoder driver (`methods.core.decoder`): before layer K it takes one row
 of attention at layer K-1 (the last position over every position, recomputed from that layer's
 input so the model keeps its SDPA kernel), keeps the k = max(1, round(keep*V)) video tokens it
 attends to most (ties: lower index) plus every text token, and layers K..L-1 run on that shorter
@@ -17,14 +21,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, check_int, check_range
-from methods.decoder import Keep, PrefillView
-from methods.flops import LLMShape
-from methods.select import top_k_ascending
-
-
-def kept_count(keep: float, video_tokens: int) -> int:
-    return max(1, round(keep * video_tokens))
+from methods.core.base import Compressor, RetentionKnob, check_layer, fraction, layer
+from methods.core.decoder import Keep, PrefillView
+from methods.core.flops import LLMShape
+from methods.core.select import kept_count, top_k_ascending
 
 
 def iterative_counts(keep: float, video_tokens: int, stages: int) -> list[int]:
@@ -80,16 +80,11 @@ class FastV(Compressor):
     name = "fastv"
     stages = frozenset({"prefill"})
     # a requested retention sets keep by matching prefill FLOPs (rho_flops)
-    retention_knob = RetentionKnob("keep", measure="rho_flops", low=1e-9, high=1.0)
+    retention_knob = RetentionKnob("keep", measure="rho_flops")
     label_knobs = ("K", "keep")
-    K: int = 2
-    keep: float = 0.5
-
-    def __post_init__(self):
-        check_int("fastv.K", self.K, 1)
-        check_range("fastv.keep", self.keep, 0.0, 1.0, low_open=True)
+    K: int = layer(2, "layers 0..K-1 see every video token")
+    keep: float = fraction(0.5, "share of video tokens kept from layer K on")
 
     def prefill_policy(self, llm: LLMShape) -> PruneByLastToken:
-        if self.K >= llm.layers:
-            raise ValueError(f"fastv.K={self.K}: expected K < {llm.layers}, the LLM's number of layers")
+        check_layer("fastv.K", self.K, llm.layers)
         return PruneByLastToken((self.K,), self.keep, llm.layers)

@@ -2,29 +2,31 @@
 and condense the rest of each segment into a few density-peak anchors (DySeg + STPrune: ATS + DTM).
 Visual stage; kept tokens stay in original order and keep their original position ids.
 
-Spec: shared/spec/methods-video.md, "FastVID". Official code followed (notes:
-/work/notes/fastvid_vidcom2_divprune.md): LunarShen/FastVID @ ea8b57e
+Paper: Shen et al., "FastVID: Dynamic Density Pruning for Fast Video Large Language Models",
+NeurIPS 2025, arXiv:2503.11187. Official code followed: LunarShen/FastVID, read at commit ea8b57e
+(the files are unchanged at the newer a40a109, a README update),
 `fastvid_llavaonevision/LLaVA-NeXT/llava/model/language_model/modeling_qwen2.py` (the block
 `FastVID` in `Qwen2Model.forward`: DySeg, anchor distribution, ATS, per-frame density scores,
 single- and multi-frame DTM, original position ids), `.../multimodal_encoder/siglip_encoder.py`
 (`SigLipVisionAbstract`: post_layernorm + attention-pooling head on the projector's input) and
 `fastvid_llavaonevision/scripts/eval.sh` (defaults r=0.10, c=8, tau=0.9, d=0.4, p=4, beta=0.6).
-LightCompress `fastvid.py` is the same algorithm.
+ModelTC/LightCompress `llmc/compression/token_reduction/fastvid.py` (read at commit 9701d035) is the same
+algorithm.
 
-Inputs (the spec's "global feature per frame and saliency per token"):
+Inputs (a global feature per frame and a saliency per token):
 - `siglip_path` given: the SigLIP checkpoint's `post_layernorm` and attention-pooling head run on
   `encoder_hidden` (what the projector receives), as the official code does; the global feature
   is the head's pooled output, the saliency the probe's attention over the patches, mean over
   heads, pooled 27x27 -> 14x14 bilinearly like the features (`methods.topk.pooled_scores`).
-- otherwise the spec's fallback: global feature = the frame's mean pooled feature, saliency =
+- otherwise this harness's fallback: global feature = the frame's mean pooled feature, saliency =
   pooled `patch_scores`; the method reports `head == "fallback"` (knob `siglip_path: None`).
 
-Where the spec is silent the official code decides:
+In the details the official code decides:
 - n = int(N*r), n_c = int(n*d), n_s = n - n_c per frame; a segment of L frames has
   T = ceil(L/p) anchor frames (those with (L-1-i) % p == 0), each with floor(n_c*L/T) anchors
   (the segment's total may fall short of n_c*L, as official).
 - density-peak scores are computed per anchor frame over that frame's M = N - n_s non-salient
-  tokens (kNN k=4 incl. self, d = ||x_i - x_j|| / sqrt(D), methods/clustering.py), not over the
+  tokens (kNN k=4 incl. self, d = ||x_i - x_j|| / sqrt(D), methods/core/clustering.py), not over the
   segment; each anchor frame takes its own top scores.
 - members of a merge are all non-salient tokens of the segment, the anchors included (an anchor
   joins itself, so w = max(alpha, 1/(count+1)) = alpha for alpha >= 0.5); in a segment with
@@ -61,7 +63,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,19 @@ import torch
 from torch import nn
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VideoTokens, VisualInput, check_int, check_range
-from methods.clustering import density_peaks, top_scores
-from methods.frames import cosine, normalized, segments_from_cuts
+from methods.core.base import (
+    Compressor,
+    RetentionKnob,
+    VideoTokens,
+    VisualInput,
+    cosine_threshold,
+    fraction,
+    knob,
+    share,
+)
+from methods.core.clustering import density_peaks
+from methods.core.select import top_k
+from methods.core.similarity import cosine, normalized, segments_from_cuts
 from methods.topk import pooled_scores
 
 __all__ = ["budgets", "segment_bounds", "anchor_plan", "fastvid_compress", "load_siglip_head",
@@ -170,7 +181,7 @@ def fastvid_compress(features: torch.Tensor, saliency: torch.Tensor, global_feat
         anchor_frames = sorted({f for u in units for f in u.anchor_frames})
         row = {f: i for i, f in enumerate(anchor_frames)}
         peaks = density_peaks(_frames_of(rest_tokens, anchor_frames), KNN, generator)
-        ranked = top_scores(peaks.score, max(u.anchors for u in units))  # (A, K_max) into M
+        ranked = top_k(peaks.score, max(u.anchors for u in units))  # (A, K_max) into M
 
         # DTM: units of equal shape (span, anchor frames, anchors) merge in one batch
         shapes: dict[tuple[int, int, int], list[MergeUnit]] = {}
@@ -237,7 +248,9 @@ class SiglipHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+        from transformers.models.siglip.modeling_siglip import (
+            SiglipMultiheadAttentionPoolingHead,
+        )
 
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = SiglipMultiheadAttentionPoolingHead(config)
@@ -331,26 +344,18 @@ class FastVID(Compressor):
     label_knobs = ("retention",)
     # the union; each instance asks only for what its head uses (set in __post_init__)
     needs = frozenset({"patch_scores", "encoder_hidden"})
-    retention: float = 0.10
-    segments: int = 8
-    seg_tau: float = 0.9
-    context_share: float = 0.4
-    anchor_every: int = 4
-    merge_floor: float = 0.6
-    siglip_path: str | None = None  # None: the fallback head (mean feature, patch_scores)
+    retention: float = fraction(0.10, "share of each frame's tokens kept (before merging)")
+    segments: int = knob(8, "at least this many segments (cut at the least similar frames)", kind="integer", low=1)
+    seg_tau: float = cosine_threshold(0.9, "cut between frames whose global features' cosine is below this")
+    context_share: float = share(0.4, "share of each frame's budget given to merged context tokens")
+    anchor_every: int = knob(4, "one anchor frame every this many frames of a segment", kind="integer", low=1)
+    merge_floor: float = share(0.6, "least weight of an anchor in its merge")
+    siglip_path: str | None = knob(None, "a SigLIP vision checkpoint whose attention-pooling head gives "
+                                   "the global features and saliency (null: the fallback head)",
+                                   kind="text", optional=True)
 
-    def __post_init__(self):
-        check_range("fastvid.retention", self.retention, 0.0, 1.0, low_open=True)
-        check_int("fastvid.segments", self.segments, 1)
-        check_range("fastvid.seg_tau", self.seg_tau, -1.0, 1.0)
-        check_range("fastvid.context_share", self.context_share, 0.0, 1.0)
-        check_int("fastvid.anchor_every", self.anchor_every, 1)
-        check_range("fastvid.merge_floor", self.merge_floor, 0.0, 1.0)
-        for knob in ("retention", "seg_tau", "context_share", "merge_floor"):
-            if math.isnan(getattr(self, knob)):
-                raise ValueError(f"fastvid.{knob}=nan: expected a number")
-        if self.siglip_path is not None and not (isinstance(self.siglip_path, str)
-                                                 and os.path.isdir(self.siglip_path)):
+    def validate(self):
+        if self.siglip_path is not None and not os.path.isdir(self.siglip_path):
             raise ValueError(f"fastvid.siglip_path={self.siglip_path!r}: expected null (fallback head) "
                              "or the directory of a SigLIP vision checkpoint with its head")
         self.needs = frozenset({"patch_scores"} if self.siglip_path is None else {"encoder_hidden"})

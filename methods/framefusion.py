@@ -5,17 +5,17 @@ earlier token at the same grid position is averaged into it, layer by layer whil
 >= `merge_floor` of the tokens; the next layer then keeps the video tokens the last prompt token
 attends to most, so that the prefill FLOPs are `cost` times the unpruned prefill's.
 
-Spec: shared/spec/methods-video.md ("FrameFusion"); FLOPs: shared/spec/measurement.md.
-Official code: thu-nics/FrameFusion, `framefusion/main.py` (`FrameFusion.forward`,
+Paper: Fu et al., "FrameFusion: Combining Similarity and Importance for Video Token Reduction on Large
+Vision Language Models", ICCV 2025, arXiv:2501.01986. FLOPs: methods/core/flops.py.
+Official code: thu-nics/FrameFusion, read at commit fbec1d2, `framefusion/main.py` (`FrameFusion.forward`,
 `compute_similarity_and_token_index_by_patch`, `merge_tokens_and_get_mask`,
 `_compute_pruning_ratio`), `framefusion/models/qwen2/modeling_qwen2.py` (where it is called:
 before layer 0's attention, then in every layer between attention and MLP),
 `framefusion/utils.py` (`scaled_dot_product_attention`, last query only),
 `framefusion/models/llava_video/modeling_llava_video.py` (patch types), `framefusion/interface.py`
-(defaults cost 0.3, similarity_lower_bound 0.6, ratio_lower_bound 0.1). Notes with the quoted code:
-/work/notes/pdrop_framefusion.md.
+(defaults cost 0.3, similarity_lower_bound 0.6, ratio_lower_bound 0.1).
 
-As the official code (the spec is silent or loose on these):
+As the official code (details this harness takes from it):
 - sites: once before layer 0 (on the embeddings), then in layer i between attention and MLP (on the
   residual stream after attention): the driver's `layers=(0,)` and `mid_layers`;
 - "previous frame" = the nearest earlier surviving token of the same grid position (after merges it
@@ -25,11 +25,11 @@ As the official code (the spec is silent or loose on these):
   `merge_floor` still merges, then merging stops and the next site prunes with the attention of
   its layer (last prompt token's row, mean over heads, over all entries); if a site's similar
   share reaches the removal share the budget asks for, only the int(p·V) most similar merge and
-  nothing is pruned (the official rule the spec does not mention);
+  nothing is pruned (an official rule);
 - counts: int() for the merge count, Python round() for the pruning count.
 
 Deviations (and why):
-- `cost` is the spec's target prefill FLOPs ratio (methods/flops.py), not the official linear
+- `cost` is this harness's target prefill FLOPs ratio (methods/core/flops.py), not the official linear
   video-token budget with num_layers = 28 hard-coded: at each site the removal share is the one that
   leaves, in every later half layer, the video tokens `tokens_within` the FLOPs left (the official
   formula with FLOPs in place of token counts and the model's real depth). Each half layer is
@@ -64,10 +64,23 @@ from dataclasses import dataclass, field
 import torch
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, check_range
-from methods.decoder import Keep, PrefillView
-from methods.flops import LLMShape, attention_flops, layer_flops, mlp_flops, prefill_flops, tokens_within
-from methods.select import top_k_ascending
+from methods.core.base import (
+    Compressor,
+    RetentionKnob,
+    cosine_threshold,
+    fraction,
+    share,
+)
+from methods.core.decoder import Keep, PrefillView
+from methods.core.flops import (
+    LLMShape,
+    attention_flops,
+    layer_flops,
+    mlp_flops,
+    prefill_flops,
+    tokens_within,
+)
+from methods.core.select import top_k_ascending
 
 __all__ = ["FrameFusion", "FrameFusionPolicy", "MergeStep", "merge_step", "removal_share"]
 
@@ -85,7 +98,7 @@ def removal_share(cost: float, text: int, video: int, spent: list[int], spent_ml
     attention saw) and the MLP halves of those in `spent_mlp` (what each one's MLP saw): both empty
     before layer 0, and at a site between layer i's attention and MLP, i + 1 and i entries (layer i's
     attention ran on the tokens present before the site; its MLP runs on those left after it). The
-    remaining halves are priced as the harness measures them (methods/flops.py).
+    remaining halves are priced as the harness measures them (methods/core/flops.py).
 
     The official `_compute_pruning_ratio`, in FLOPs: raises ValueError when even no video token in
     the remaining halves would fit the budget.
@@ -244,14 +257,10 @@ class FrameFusion(Compressor):
     # retention=r sets cost = r directly: the target prefill FLOPs ratio (rho_flops)
     retention_knob = RetentionKnob("cost", measure="rho_flops", direct=True)
     label_knobs = ("cost", "sim_floor", "merge_floor")
-    cost: float = 0.3
-    sim_floor: float = 0.6
-    merge_floor: float = 0.1
-
-    def __post_init__(self):
-        check_range("framefusion.cost", self.cost, 0.0, 1.0, low_open=True)
-        check_range("framefusion.sim_floor", self.sim_floor, -1.0, 1.0)
-        check_range("framefusion.merge_floor", self.merge_floor, 0.0, 1.0)
+    cost: float = fraction(0.3, "target prefill FLOPs ratio to `none`")
+    sim_floor: float = cosine_threshold(0.6, "merge a token whose cosine to the same position in the "
+                                        "previous frame reaches this")
+    merge_floor: float = share(0.1, "keep merging while a layer merges at least this share")
 
     def prefill_policy(self, llm: LLMShape) -> FrameFusionPolicy:
         return FrameFusionPolicy(self.cost, self.sim_floor, self.merge_floor, llm)

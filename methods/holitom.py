@@ -5,13 +5,15 @@ a whole window are averaged over time (static), the rest (dynamic) are kept per 
 attention, then density-peak clustering merges the static tokens. Prefill stage: at `llm_layer`,
 the video tokens the last prompt token attends to least are merged into their most similar kept ones.
 
-Spec: shared/spec/methods-video.md ("HoliTom"). Official code followed: cokeshao/HoliTom
-`holitom/llava_arch.py` (visual stage: `select_static_windows`, `get_static_dynamic_features`,
-`merge_tokens_by_attention_density`, `merge_tokens_by_density`, `merge_tokens_by_clustering`,
-`holitom`), `holitom/modeling_qwen2.py` (inner merge), defaults from its README and
+Paper: Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language Models",
+NeurIPS 2025, arXiv:2505.21334. Official code followed: cokeshao/HoliTom, read at commit e9b2972,
+`holitom/llava_arch.py` (visual stage, methods of `LlavaMetaForCausalLM_holitom`: `select_static_windows`,
+`get_static_dynamic_features`, `merge_tokens_by_attention_density`, `merge_tokens_by_density`,
+`merge_tokens_by_clustering`, `holitom`), `holitom/modeling_qwen2.py` (inner merge:
+`Qwen2Model_holitom.forward`), defaults from its README and
 `scripts/eval_ov-7b_holitom.sh` (RETAIN_RATIO, T=0.8, BETA=0.6, D=0, K=7, HOLITOM_k=18,
-HOLITOM_r=0.5); ModelTC/llmc and LightCompress `token_reduction/holitom.py` are the same algorithm.
-Research notes: /work/notes/holitom_prunevid.md.
+HOLITOM_r=0.5); ModelTC/llmc (read at commit 05eedff0) and ModelTC/LightCompress (read at commit
+9701d035) `llmc/compression/token_reduction/holitom.py` are the same algorithm.
 
 Algorithm (visual stage, X (F, N, D), patch scores A (F, N)):
 1. sim[t, n] = cos(X[t, n], X[t+1, n]); a window [s, e] gains S(s, e)·(e - s) tokens, S(s, e) = the
@@ -50,8 +52,8 @@ rho_tok ~ retention.
 
 Deviations from the official code, and why:
 - Knob `dominant_share` = 1 - official D (D is the official *contextual* share: dominant_num =
-  round(ceil(n·r')·(1 - D))); the spec's "dominant_share 0" is the official D = 0, i.e. every
-  dynamic token chosen by patch score (lead's decision): default 1.0, d = round(b·dominant_share)
+  round(ceil(n·r')·(1 - D))), so the official D = 0, i.e. every dynamic token chosen by patch
+  score, is dominant_share 1 (choice of this harness): default 1.0, d = round(b·dominant_share)
   (equal to the official count except where b·(1 - D) and b·dominant_share round differently at an
   exact .5 in floating point).
 - The official contextual branch (D > 0) cannot run as written: `pos.masked_select(
@@ -61,11 +63,11 @@ Deviations from the official code, and why:
 - Layout: the official LLaVA-OV path (`mm_newline_position="one_token"`) emits each window as
   [static tokens] + [frame s] + ... + [frame e], each frame dominant-then-contextual. Here the
   official "grid" ordering (the paper's "merge into the first occurrence"): static tokens in the
-  window's first frame, every frame sorted by position (spec: original frame-major, row-major
-  order; lead's decision). One newline after the video, as one_token.
+  window's first frame, every frame sorted by position (choice of this harness: outputs keep
+  the original frame-major, row-major order). One newline after the video, as one_token.
 - Decisions (similarities, static means, DPC, merges) in float32; official runs them in the model
   dtype (fp16/bf16). Output in the input dtype.
-- DPC-kNN: the shared methods/clustering.py deviations (seeded 1e-6 noise drawn on the CPU, matmul
+- DPC-kNN: the shared methods/core/clustering.py deviations (seeded 1e-6 noise drawn on the CPU, matmul
   distances, stable ties). Noise draw order: windows in order, per window its dynamic frames'
   contextual clustering (one (L, n) draw) then its static clustering (one (1, S) draw), as the
   official call order.
@@ -78,8 +80,8 @@ Deviations from the official code, and why:
   includes it). k has a floor of 1 (official round() may give 0, and then fails). Scores and
   cosines in float32 (official: model dtype), merged states written back in the hidden dtype.
   Decode steps do not merge and layers < K keep the full cache, as official.
-- Spec step 4 says "averaged into its most similar kept token" without weights: followed the
-  official pairwise halving (later members weigh more), not a plain mean.
+- "Averaged into its most similar kept token" (the inner merge) does not say with which weights:
+  followed the official pairwise halving (later members weigh more), not a plain mean.
 - `llm_layer` default None = official 18 of 28 layers scaled to the model's depth:
   round(18·L/28), clamped to [1, L-1] (the 8-layer test model: 5).
 - `retention` default 0.25 (the harness's direct-knob default; the official code defaults to 0.1,
@@ -95,18 +97,28 @@ from dataclasses import dataclass
 import torch
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VisualInput, check_int, check_range
-from methods.clustering import assign_to_centres, centres_in_order, density_peaks, merge_into_centres
-from methods.decoder import Keep, PrefillView
-from methods.flops import LLMShape
-from methods.frames import normalized, same_position_similarity, segment_ids
-from methods.select import top_k_ascending
+from methods.core.base import (
+    Compressor,
+    RetentionKnob,
+    VisualInput,
+    check_layer,
+    cosine_threshold,
+    fraction,
+    knob,
+    layer,
+    share,
+)
+from methods.core.clustering import assign_to_centres, density_peaks, merge_into_centres
+from methods.core.decoder import Keep, PrefillView
+from methods.core.flops import LLMShape
+from methods.core.select import kept_count, top_k_ascending
+from methods.core.similarity import normalized, same_position_similarity, segment_ids
 from methods.topk import pooled_scores
 
-__all__ = ["HoliTom", "HoliTomVisual", "InnerMerge", "default_llm_layer", "holitom_compress",
+__all__ = ["HoliTom", "HoliTomVisual", "InnerMerge", "holitom_compress",
            "holitom_visual", "inner_merge", "temporal_windows", "window_gains"]
 
-OFFICIAL_LAYER, OFFICIAL_DEPTH = 18, 28  # HOLITOM_k=18 on the 28-layer LLaVA-OV-7B
+OFFICIAL_LAYER = 18  # HOLITOM_k=18 on the 28-layer LLaVA-OV-7B
 
 
 # ---- temporal windows ------------------------------------------------------------------------------
@@ -155,7 +167,7 @@ def _cluster_merge(tokens: torch.Tensor, clusters: int, knn: int, beta: float,
     """(B, n, C) -> centres (B, clusters) ascending, merged (B, clusters, C) float32: DPC-kNN with
     k = min(knn, clusters); non-centres join their nearest centre; beta-weighted merge."""
     peaks = density_peaks(tokens, min(knn, clusters), generator)
-    centres = centres_in_order(peaks.score, clusters)
+    centres = top_k_ascending(peaks.score, clusters)
     label = assign_to_centres(peaks.distance, centres)
     return centres, merge_into_centres(tokens, label, centres, beta)
 
@@ -257,10 +269,6 @@ def holitom_compress(features: torch.Tensor, scores: torch.Tensor, retention: fl
 
 
 # ---- prefill stage (inner merge) ---------------------------------------------------------------------
-def merge_count(keep: float, video_tokens: int) -> int:
-    """Video tokens kept by the inner merge: official round(V·(1 - HOLITOM_r)), at least 1."""
-    return max(1, round(keep * video_tokens))
-
 
 def inner_merge(hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """(V, D) states, (k,) kept indices ascending -> (k, D) kept states after folding every other
@@ -298,20 +306,15 @@ class InnerMerge:
 
     def act(self, view: PrefillView) -> Keep | None:
         video = len(view.video)
-        count = merge_count(self.keep, video)
+        count = kept_count(self.keep, video)  # official round(V·(1 - HOLITOM_r)), at least 1
         if count >= video:
             return None
         kept = top_k_ascending(view.attention()[0, view.video], count)
         return Keep(kept, inner_merge(view.hidden[0, view.video], kept))
 
     def planned(self, video_tokens: int, groups=None) -> list[int]:
-        after = min(video_tokens, merge_count(self.keep, video_tokens))
+        after = min(video_tokens, kept_count(self.keep, video_tokens))
         return [video_tokens] * self.layer + [after] * (self.depth - self.layer)
-
-
-def default_llm_layer(depth: int) -> int:
-    """The official HOLITOM_k=18 of 28 layers, scaled to `depth` layers, in [1, depth - 1]."""
-    return min(depth - 1, max(1, round(OFFICIAL_LAYER * depth / OFFICIAL_DEPTH)))
 
 
 # ---- the compressor ------------------------------------------------------------------------------------
@@ -327,23 +330,15 @@ class HoliTom(Compressor):
     retention_knob = RetentionKnob("retention", measure="rho_tok", direct=True)
     label_knobs = ("retention", "tau", "llm_keep")
     needs = frozenset({"patch_scores"})
-    retention: float = 0.25
-    tau: float = 0.8
-    beta: float = 0.6
-    dominant_share: float = 1.0
-    knn: int = 7
-    llm_layer: int | None = None  # None: official 18 of 28, scaled to the LLM's depth
-    llm_keep: float = 0.5  # 1 - official HOLITOM_r; 1 switches the inner merge off
-
-    def __post_init__(self):
-        check_range("holitom.retention", self.retention, 0.0, 1.0, low_open=True)
-        check_range("holitom.tau", self.tau, -1.0, math.inf, high_open=True)
-        check_range("holitom.beta", self.beta, 0.0, 1.0)
-        check_range("holitom.dominant_share", self.dominant_share, 0.0, 1.0)
-        check_int("holitom.knn", self.knn, 1)
-        if self.llm_layer is not None:
-            check_int("holitom.llm_layer", self.llm_layer, 1)
-        check_range("holitom.llm_keep", self.llm_keep, 0.0, 1.0, low_open=True)
+    retention: float = fraction(0.25, "visual-stage budget: share of video tokens (official RETAIN_RATIO)")
+    tau: float = cosine_threshold(0.8, "a position is static across frames whose cosines exceed tau")
+    beta: float = share(0.6, "weight of a cluster centre in its merge")
+    dominant_share: float = share(1.0, "share of a frame's dynamic budget kept by attention, not clustered")
+    knn: int = knob(7, "neighbours of the density-peak clustering", kind="integer", low=1)
+    llm_layer: int | None = layer(None, "the inner merge acts before this layer (null: official 18 of 28, "
+                                  "scaled to the LLM's depth)")
+    llm_keep: float = fraction(0.5, "share of video tokens kept by the inner merge (1 - official "
+                               "HOLITOM_r; 1 switches it off)")
 
     def compress(self, x: VisualInput) -> torch.Tensor:
         if x.patch_scores is None:
@@ -354,8 +349,6 @@ class HoliTom(Compressor):
                                 self.dominant_share, self.knn, generator)
 
     def prefill_policy(self, llm: LLMShape) -> InnerMerge:
-        layer = default_llm_layer(llm.layers) if self.llm_layer is None else self.llm_layer
-        if layer >= llm.layers:
-            raise ValueError(f"holitom.llm_layer={layer}: expected llm_layer < {llm.layers}, the "
-                             "LLM's number of layers")
+        layer = (llm.scaled_layer(OFFICIAL_LAYER) if self.llm_layer is None
+                 else check_layer("holitom.llm_layer", self.llm_layer, llm.layers))
         return InnerMerge(layer, self.llm_keep, llm.layers)

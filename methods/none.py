@@ -1,11 +1,14 @@
-"""No compression: the uncompressed reference row of every table. Every token keeps its position."""
+"""No compression: the uncompressed reference row of every table. Every token keeps its position.
+
+A baseline of this harness (no paper, no official code).
+"""
 
 from dataclasses import dataclass
 
 import torch
 
 from methods import register
-from methods.base import Compressor, VideoTokens, VisualInput
+from methods.core.base import Compressor, VideoTokens, VisualInput
 
 
 @register

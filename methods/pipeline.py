@@ -1,8 +1,9 @@
 """A stack of methods: a visual-stage method in front of a prefill- and/or decode-stage method.
 
-`+method=pipeline method.stages=[visionzip,fastv]` (spec: shared/spec/methods-video.md, "Stages a
-method can act in"). Each part keeps its own knobs (`method.fastv.keep=0.3`); the stack acts in the
-union of its parts' stages, one part per stage, the visual one first. A requested `retention=`
+Machinery of this harness (no paper, no official code), used as
+`+method=pipeline method.stages=[visionzip,fastv]`; the stages a method can act in are
+`methods.core.base.STAGES`. Each part keeps its own knobs (`method.fastv.keep=0.3`); the stack acts
+in the union of its parts' stages, one part per stage, the visual one first. A requested `retention=`
 sets the knob of the last part that takes one, searched so that the whole stack reaches it.
 """
 
@@ -11,13 +12,28 @@ from __future__ import annotations
 import dataclasses
 
 from methods import register
-from methods.base import Compressor
+from methods.core.base import Compressor
 
 
 @register
 class Pipeline(Compressor):
     name = "pipeline"
     composite = True  # its stages are those of its parts
+
+    DEFAULT_STAGES = ("uniform", "fastv")
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The config node's knobs: the parts, each at its own defaults unless given."""
+        return {"stages": list(cls.DEFAULT_STAGES)}
+
+    @classmethod
+    def knob_specs(cls) -> dict:
+        return {}
+
+    def knob_range(self, knob: str) -> tuple[float, float]:
+        part_name, _, inner = knob.partition(".")
+        return next(p for p in self.parts if p.name == part_name).knob_range(inner)
 
     @classmethod
     def from_knobs(cls, stages=None, **part_knobs) -> "Pipeline":

@@ -3,8 +3,9 @@
 The video tokens X (F, 14, 14, D) are viewed as (D, F, 14, 14) and average-pooled adaptively to
 (D, T', h, w); the LLM sees the T'*h*w pooled tokens frame-major, row-major, at consecutive positions.
 
-Spec: shared/spec/methods-video.md, "PLLaVA pooling". Official code followed (magic-research/PLLaVA):
-`models/pllava/modeling_pllava.py` (PllavaMultiModalProjector: projector, then
+Paper: Xu et al., "PLLaVA: Parameter-free LLaVA Extension from Images to Videos for Video Dense
+Captioning", arXiv:2404.16994 (2024). Official code followed: magic-research/PLLaVA, read at commit
+6f49fd2, `models/pllava/modeling_pllava.py` (`PllavaMultiModalProjector.forward`: projector, then
 `rearrange -> (videos, D, T, h, w)`, `nn.AdaptiveAvgPool3d(pooling_shape)`, `rearrange -> (t h w) d`),
 `tasks/eval/model_utils.py` and `scripts/eval.sh` (video default `pooling_shape=(16, 12, 12)`, 16 frames).
 
@@ -13,12 +14,12 @@ h x w is `uniform`'s `target_grid(r * temporal)`: the grid with h <= w <= 14 clo
 r * 196 * temporal tokens per output frame, ties to the squarer (then the larger) grid.
 
 Deviations and choices, with reasons:
-- What is pooled (spec, explicit): X after the projector *and* LLaVA-OneVision's 2x2 bilinear
-  pool (14x14 per frame). The official code pools the projector output of its own model's full
+- What is pooled (choice of this harness): X after the projector *and* LLaVA-OneVision's 2x2
+  bilinear pool (14x14 per frame). The official code pools the projector output of its own model's full
   patch grid (24x24 CLIP patches) directly.
-- Pooling shape (spec): h x w follows `retention` (and `temporal`) instead of the official fixed
-  (16, 12, 12). T' is `max(1, round(F / temporal))` with Python's round (half to even: F=5,
-  temporal=2 gives 2); the spec writes F / temporal without saying how to round (lead's decision).
+- Pooling shape (choice of this harness): h x w follows `retention` (and `temporal`) instead of the
+  official fixed (16, 12, 12). T' is `max(1, round(F / temporal))` with Python's round (half to even: F=5,
+  temporal=2 gives 2; choice of this harness: F / temporal alone does not say how to round).
 - Fewer than one token per output frame (r * 196 * temporal < 1) still keeps one (a 1x1 grid):
   only `temporal` pools time, so the achieved retention is then above r.
 - Computation: the 3-D adaptive average is separable, so it is computed as `adaptive_avg_pool2d`
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as nnf
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VisualInput, check_int, check_range
+from methods.core.base import Compressor, RetentionKnob, VisualInput, fraction, knob
 from methods.uniform import target_grid
 
 __all__ = ["pllava_pool", "pooling_shape", "windows"]
@@ -57,7 +58,7 @@ def pooling_shape(frames: int, grid: tuple[int, int], retention: float, temporal
 def pllava_pool(features: torch.Tensor, grid: tuple[int, int], retention: float,
                 temporal: int = 1) -> torch.Tensor:
     """(F, N = h*w, D) video tokens -> (T'*h'*w', D) pooled tokens, frame-major, row-major."""
-    _check_args(retention, temporal)
+    PLLaVA.check_knobs(retention=retention, temporal=temporal)
     frames, n, dim = features.shape
     height, width = grid
     if height * width != n:
@@ -95,11 +96,6 @@ def windows(size_in: int, size_out: int) -> list[tuple[int, int]]:
     return [((i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)) for i in range(size_out)]
 
 
-def _check_args(retention: float, temporal: int) -> None:
-    check_range("pllava.retention", retention, 0.0, 1.0, low_open=True)
-    check_int("pllava.temporal", temporal, 1)
-
-
 @register
 @dataclass
 class PLLaVA(Compressor):
@@ -108,11 +104,8 @@ class PLLaVA(Compressor):
     name = "pllava"
     stages = frozenset({"visual"})
     retention_knob = RetentionKnob("retention", direct=True)
-    retention: float = 0.25
-    temporal: int = 1
-
-    def __post_init__(self):
-        _check_args(self.retention, self.temporal)
+    retention: float = fraction(0.25, "share of tokens kept")
+    temporal: int = knob(1, "frames pooled into one (T' = round(F / temporal))", kind="integer", low=1)
 
     def compress(self, x: VisualInput) -> torch.Tensor:
         return pllava_pool(x.features, x.grid, self.retention, self.temporal)

@@ -4,16 +4,16 @@ Visual stage: cut the video into contiguous segments (density-peak clustering of
 each segment's static positions over time, cluster each set of tokens by density peaks; prefill stage:
 after layer `llm_layer`, keep `llm_keep` of each group's video tokens by the question tokens' attention.
 
-Spec: shared/spec/methods-video.md, "PruneVid". Official code followed: Visual-AI/PruneVid
-`models/pllava/modeling_pllava.py` (`merge_frames_dynamic`, `cluster_dpc_knn`, `refine_clusters`,
-`segment_lengths`, `compute_cluster_vectors`), `models/pllava/llama.py` (`LlamaModelVTP`, the
-`attn_weights_wo_pos` of `LlamaAttention.forward`) and `VTPWindowCache` in
-`models/pllava/elastic_cache.py` (read in the fork duykhang2103/Mate; only its .pyc is in PruneVid's
-repository). Notes: /work/notes/holitom_prunevid.md. Defaults: PruneVid `scripts/eval.sh`
+Paper: Huang et al., "PruneVid: Visual Token Pruning for Efficient Video Large Language Models",
+ACL 2025, arXiv:2412.16117. Official code followed: Visual-AI/PruneVid, read at commit
+b12600c, `models/pllava/modeling_pllava.py` (`merge_frames_dynamic`, `cluster_dpc_knn`,
+`refine_clusters`, `segment_lengths`, `compute_cluster_vectors`), `models/pllava/llama.py`
+(`LlamaModelVTP`, the `attn_weights_wo_pos` of `LlamaAttention.forward`) and `VTPWindowCache` in
+`models/pllava/elastic_cache.py`. Defaults: PruneVid `scripts/eval.sh`
 (tau 0.8, temporal_segment_ratio 0.25, cluster_ratio 0.5, selected_layer 10, alpha 0.4, k 7).
 
-The algorithm, as the official code does it where the spec is brief:
-1. Segments: DPC-kNN (k = 7, methods/clustering.py) on the frame means (mean over the frame's N
+The algorithm, in the official code's detail:
+1. Segments: DPC-kNN (k = 7, methods/core/clustering.py) on the frame means (mean over the frame's N
    tokens) with int(F * segment_ratio) clusters, each frame to its nearest centre; then the official
    contiguity refinement (`refine_labels`): a label keeps only its longest runs (none if its longest
    run is one frame), freed runs go to the neighbouring run that is longer (left on ties, label 0
@@ -33,17 +33,17 @@ The algorithm, as the official code does it where the spec is brief:
    that is 0); layers llm_layer+1 .. L-1 see only the kept video tokens.
 
 Deviations, and choices where the official code leaves room:
-- Token order and positions (lead's decision; spec: "outputs keep the original frame-major,
-  row-major order"): every output token takes the position id of a real input token and tokens
+- Token order and positions (choice of this harness: outputs keep the original frame-major,
+  row-major order): every output token takes the position id of a real input token and tokens
   are in position order (`VideoTokens`). A cluster sits at its centre's position; a segment's
   static tokens sit in the segment's first frame at their (centre's) grid position; an unclustered
   token at its own. Official: static tokens first, then each frame's dynamic tokens, clusters in
   DPC score order, contiguous position ids (PLLaVA renumbers).
-- The KV caches of layers 0..llm_layer keep every video token (spec's prefill contract; official
+- The KV caches of layers 0..llm_layer keep every video token (this harness's prefill contract; official
   also cuts them to the kept tokens, so decode steps there see only kept tokens).
 - Decisions in float32 (official: frame means, static test and attention in the model's fp16/bf16);
   the attention is not cast back to the model dtype before ranking.
-- DPC tie-break noise from the run's seeded generator (methods/clustering.py), drawn in this order:
+- DPC tie-break noise from the run's seeded generator (methods/core/clustering.py), drawn in this order:
   the frame clustering (1, F), then per segment the static set (1, S) if S > 14 and the dynamic
   sets (W, N - S) if N - S > 14. Ties in any top-k go to the lower index (official: unspecified).
 - Grouped-query attention (Qwen2): each query head uses its key head (official LLaMA has none).
@@ -68,19 +68,30 @@ from dataclasses import dataclass
 import torch
 
 from methods import register
-from methods.attention import project
-from methods.base import Compressor, RetentionKnob, VideoTokens, VisualInput, check_int, check_range
-from methods.clustering import assign_to_centres, cluster_mean, density_peaks, top_scores
-from methods.decoder import Keep, PrefillView
-from methods.flops import LLMShape
-from methods.frames import normalized, segment_ids
+from methods.core.attention import project
+from methods.core.base import (
+    Compressor,
+    RetentionKnob,
+    VideoTokens,
+    VisualInput,
+    check_layer,
+    cosine_threshold,
+    fraction,
+    layer,
+    share,
+)
+from methods.core.clustering import assign_to_centres, cluster_mean, density_peaks
+from methods.core.decoder import Keep, PrefillView
+from methods.core.flops import LLMShape
+from methods.core.select import top_k
+from methods.core.similarity import normalized, segment_ids
 
 __all__ = ["prunevid_compress", "refine_labels", "frame_segments", "question_scores",
-           "keep_per_group", "kept_count", "PruneVidPrefill", "PruneVid"]
+           "keep_per_group", "group_budget", "PruneVidPrefill", "PruneVid"]
 
 KNN = 7  # neighbours of the DPC-kNN density, everywhere (official)
 MIN_CLUSTERED = 15  # sets with more than 14 tokens are clustered (official `> 14`)
-OFFICIAL_LAYER, OFFICIAL_DEPTH = 10, 28  # selected_layer of the 32-layer LLaMA run, kept for 28 layers
+OFFICIAL_LAYER = 10  # selected_layer of the 32-layer LLaMA run, kept for 28 layers
 
 
 # ---- visual stage ----------------------------------------------------------------------------------
@@ -140,7 +151,7 @@ def frame_segments(features: torch.Tensor, segment_ratio: float,
     means = features.float().mean(1)[None]  # (1, F, D)
     peaks = density_peaks(means, KNN, generator)
     clusters = min(frames, max(1, int(frames * segment_ratio)))
-    label = assign_to_centres(peaks.distance, top_scores(peaks.score, clusters))[0]
+    label = assign_to_centres(peaks.distance, top_k(peaks.score, clusters))[0]
     refined = refine_labels(label.tolist())
     bounds = [0] + [t for t in range(1, frames) if refined[t] != refined[t - 1]] + [frames]
     return list(zip(bounds[:-1], bounds[1:]))
@@ -156,7 +167,7 @@ def _cluster(x: torch.Tensor, ratio: float, generator) -> tuple[torch.Tensor, to
     clusters = int(n * ratio)
     if clusters == 0:
         return x[:, :0], torch.zeros(batch, 0, dtype=torch.long, device=x.device)
-    centres = top_scores(peaks.score, clusters)
+    centres = top_k(peaks.score, clusters)
     label = assign_to_centres(peaks.distance, centres)
     return cluster_mean(x, label, clusters), centres
 
@@ -228,7 +239,7 @@ def question_scores(layer, hidden: torch.Tensor, queries: torch.Tensor, keys: to
     return weights[..., keys].flatten(0, 2).amax(0)
 
 
-def kept_count(size: torch.Tensor, keep: float) -> torch.Tensor:
+def group_budget(size: torch.Tensor, keep: float) -> torch.Tensor:
     """int(size * keep) per group (float64, as Python computes it)."""
     return (size.double() * keep).floor().long()
 
@@ -241,7 +252,7 @@ def keep_per_group(scores: torch.Tensor, groups: torch.Tensor, keep: float) -> t
     first = torch.searchsorted(sorted_groups, sorted_groups, right=False)
     size = torch.searchsorted(sorted_groups, sorted_groups, right=True) - first
     rank = torch.arange(len(scores), device=scores.device) - first
-    return by_group[rank < kept_count(size, keep)].sort().values
+    return by_group[rank < group_budget(size, keep)].sort().values
 
 
 @dataclass
@@ -266,14 +277,9 @@ class PruneVidPrefill:
     def planned(self, video_tokens: int, groups: torch.Tensor | None = None) -> list[int]:
         if groups is None:
             groups = torch.zeros(video_tokens, dtype=torch.long)
-        kept = int(kept_count(torch.unique(groups.cpu(), return_counts=True)[1], self.keep).sum())
+        kept = int(group_budget(torch.unique(groups.cpu(), return_counts=True)[1], self.keep).sum())
         first = self.score_layer + 1
         return [video_tokens] * first + [kept] * (self.depth - first)
-
-
-def scaled_layer(layers: int) -> int:
-    """The official selected layer 10 (of 28) on an LLM of `layers` layers, within 1..layers-2."""
-    return min(max(1, round(OFFICIAL_LAYER * layers / OFFICIAL_DEPTH)), layers - 2)
 
 
 @register
@@ -284,21 +290,14 @@ class PruneVid(Compressor):
     name = "prunevid"
     stages = frozenset({"visual", "prefill"})
     # a requested retention (rho_tok at the first pruned layer) is reached by bisecting cluster_ratio
-    retention_knob = RetentionKnob("cluster_ratio", measure="rho_tok", low=0.0, high=1.0)
+    retention_knob = RetentionKnob("cluster_ratio", measure="rho_tok")
     label_knobs = ("cluster_ratio", "llm_keep")
-    segment_ratio: float = 0.25
-    tau: float = 0.8
-    cluster_ratio: float = 0.5
-    llm_layer: int | None = None  # None: the official 10 of 28, scaled to the LLM's depth
-    llm_keep: float = 0.4
-
-    def __post_init__(self):
-        check_range("prunevid.segment_ratio", self.segment_ratio, 0.0, 1.0, low_open=True)
-        check_range("prunevid.tau", self.tau, -1.0, 1.0)
-        check_range("prunevid.cluster_ratio", self.cluster_ratio, 0.0, 1.0)
-        if self.llm_layer is not None:
-            check_int("prunevid.llm_layer", self.llm_layer, 0)
-        check_range("prunevid.llm_keep", self.llm_keep, 0.0, 1.0, low_open=True)
+    segment_ratio: float = fraction(0.25, "segments per frame (about segment_ratio * F segments)")
+    tau: float = cosine_threshold(0.8, "a position is static across its segment above this cosine")
+    cluster_ratio: float = share(0.5, "share of each frame's tokens kept as density-peak clusters")
+    llm_layer: int | None = layer(None, "question attention at this layer prunes after it (null: the "
+                                  "official 10 of 28, scaled to the LLM's depth)", low=0)
+    llm_keep: float = fraction(0.4, "share of each group's video tokens kept in the LLM")
 
     def compress(self, x: VisualInput) -> VideoTokens:
         # a fresh generator per video: the same video gives the same tokens whatever ran before
@@ -306,8 +305,6 @@ class PruneVid(Compressor):
         return prunevid_compress(x.features, self.segment_ratio, self.tau, self.cluster_ratio, generator)
 
     def prefill_policy(self, llm: LLMShape) -> PruneVidPrefill:
-        layer = scaled_layer(llm.layers) if self.llm_layer is None else self.llm_layer
-        if not 0 <= layer < llm.layers - 1:
-            raise ValueError(f"prunevid.llm_layer={layer}: expected a layer below {llm.layers - 1} (the "
-                             f"LLM has {llm.layers} layers and pruning acts after llm_layer)")
+        layer = (llm.scaled_layer(OFFICIAL_LAYER, highest=llm.layers - 2) if self.llm_layer is None
+                 else check_layer("prunevid.llm_layer", self.llm_layer, llm.layers, low=0, high=llm.layers - 2))
         return PruneVidPrefill(layer, self.llm_keep, llm.layers)

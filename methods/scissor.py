@@ -1,7 +1,21 @@
 """Scissor (LLaVA-Scissor): token compression with semantic connected components, vectorised.
 
-Spec: shared/spec/scissor.md. Pure tensor code on the device of its input: no Python loop over
-tokens or edges. The reference code finds components with a Python union-find over the edges;
+Paper: Sun et al., "LLaVA-Scissor: Token Compression with Semantic Connected Components for Video
+LLMs", arXiv:2506.21862 (2025). Official code followed: HumanMLLM/LLaVA-Scissor, read at commit
+b63354c, `llava/model/llava_arch_zip.py` (`approximate_components` with `UnionFind`, and the
+`mm_patch_merge_type == "flat"` branch of `LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`:
+spatial SCC per frame, temporal SCC over the spatial means, merge; defaults tau 0.95, epsilon 0.05).
+
+SCC(V, tau, epsilon), the steps the docstrings below number: 1. unit rows and their cosine
+similarities; 2. the adjacency A = (cos > tau); 3. a sample of s = min(n, ceil(ln(n) / epsilon^2))
+nodes; 4. the union of every edge incident to a sampled node; 5. the components, ordered by the
+index of their member of largest degree (ties: the smaller index); 6. each component's unweighted
+mean. Scissor: SCC of each frame's tokens (spatial), SCC of all the spatial means (temporal), then
+every token joins its most similar temporal representative, which becomes the mean of itself and
+its members.
+
+Pure tensor code on the device of its input: no Python loop over
+tokens or edges. The official code finds components with a Python union-find over the edges;
 here they come from min-label propagation on the dense boolean adjacency, a few full passes
 over an (n, n) byte matrix, which costs little next to the similarity products themselves.
 
@@ -9,13 +23,16 @@ Graph decisions (normalisation, similarities, thresholds, argmax) and means are 
 float32 for float32/bfloat16/float16 input (in float64 for float64 input); the output has the
 input's dtype.
 
-Where the spec leaves room, this module (and tests/scissor_reference.py) does the following:
+Choices of this harness, in this module and in tests/reference/scissor.py:
+- components are true connected components: every node whose union-find root is the component's
+  root (the official code collects only the root's direct children, `uf.parent == root`).
 - cos(i, i) is its exact value, 1 (0 for a zero token), not the rounded product, so A[i, i] is
   (1 > tau), as in exact arithmetic; zero tokens have cosine 0 to everything, so for tau < 0
-  they join every token, as the spec's definition says.
+  they join every token, as the definition of A says.
 - an edge is A[i, j] or A[j, i]: the rounded product U @ U.T may be asymmetric by one ulp.
 - the sample S of an SCC call is the first s entries of torch.randperm(n, generator), drawn
-  only when s < n: one draw per frame in frame order, then one for the temporal call.
+  only when s < n: one draw per frame in frame order, then one for the temporal call (official:
+  `np.random.choice(n, s, replace=False)`, from numpy's global state).
 """
 
 from __future__ import annotations
@@ -26,13 +43,20 @@ from dataclasses import dataclass
 import torch
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VisualInput, check_range
+from methods.core.base import (
+    Compressor,
+    RetentionKnob,
+    VisualInput,
+    cosine_threshold,
+    knob,
+)
+from methods.core.similarity import checked_features, unit_rows
 
 __all__ = ["sample_size", "scissor_compress", "semantic_connected_components"]
 
 
 def sample_size(n: int, epsilon: float) -> int:
-    """`s = min(n, ceil(ln(n) / epsilon^2))`, with s = 1 for n = 1 (spec, SCC step 3)."""
+    """`s = min(n, ceil(ln(n) / epsilon^2))`, with s = 1 for n = 1 (SCC step 3)."""
     if n <= 1:
         return n
     return min(n, math.ceil(math.log(n) / (epsilon * epsilon)))
@@ -46,23 +70,23 @@ def scissor_compress(features: torch.Tensor, tau: float, epsilon: float = 0.05,
     `generator` is drawn from only in the sampled regime (an SCC call with s < n), once per such
     call; None means torch's default CPU generator. The same seed gives the same output.
     """
-    _check_args(tau, epsilon)
-    x = _checked_tensor(features, "features", "(F, N, D)")
+    Scissor.check_knobs(tau=tau, epsilon=epsilon)
+    x = checked_features(features)
     frames, per_frame, dim = x.shape
     flat = x.reshape(frames * per_frame, dim)
 
     # 1. Spatial: one batched SCC over all frames; component ids run in frame order.
-    units = _unit_rows(x)
+    units = unit_rows(x)
     comp, k = _scc(units, tau, epsilon, generator)
     reps = _segment_mean(flat, comp, k)
 
     # 2. Temporal: SCC over the spatial representatives, each counted once.
-    comp_t, m = _scc(_unit_rows(reps)[None], tau, epsilon, generator)
+    comp_t, m = _scc(unit_rows(reps)[None], tau, epsilon, generator)
     merged = _segment_mean(reps, comp_t, m)
 
     # 3. Merge: every original token joins its most similar representative (ties: smallest j;
     # argmax returns the first maximum).
-    sims = units.reshape(frames * per_frame, dim) @ _unit_rows(merged).T
+    sims = units.reshape(frames * per_frame, dim) @ unit_rows(merged).T
     assign = sims.argmax(dim=1)
     del sims
     counts = torch.bincount(assign, minlength=m).to(merged.dtype)
@@ -75,51 +99,18 @@ def scissor_compress(features: torch.Tensor, tau: float, epsilon: float = 0.05,
 def semantic_connected_components(tokens: torch.Tensor, tau: float, epsilon: float = 0.05,
                                   generator: torch.Generator | None = None
                                   ) -> tuple[torch.Tensor, int]:
-    """`SCC(V, tau, epsilon)` of the spec on (n, D) tokens, without the means.
+    """`SCC(V, tau, epsilon)` (steps 1-5, see the module docstring) on (n, D) tokens, without the means.
 
     Returns (labels, count): labels is a LongTensor (n,) giving each token's component index in
-    the spec's component order (step 5), count the number of components.
+    the component order of step 5, count the number of components.
     """
-    _check_args(tau, epsilon)
-    x = _checked_tensor(tokens, "tokens", "(n, D)")
-    return _scc(_unit_rows(x)[None], tau, epsilon, generator)
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check_args(tau: float, epsilon: float) -> None:
-    check_range("scissor.tau", tau, -1.0, 1.0)
-    check_range("scissor.epsilon", epsilon, 0.0, math.inf, low_open=True, high_open=True)
-    for name, value in (("tau", tau), ("epsilon", epsilon)):
-        if math.isnan(value):  # compares false with everything, so check_range lets it through
-            raise ValueError(f"scissor.{name}=nan: expected a number")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _checked_tensor(value, name: str, shape: str) -> torch.Tensor:
-    """`value` as a non-empty floating tensor of the given rank, in the compute dtype."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != shape.count(",") + 1 or 0 in value.shape:
-        raise ValueError(f"{name}: expected a non-empty {shape} tensor, got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
-    return value.to(_compute_dtype(value.dtype))
+    Scissor.check_knobs(tau=tau, epsilon=epsilon)
+    x = checked_features(tokens, "tokens", "(n, D)")
+    return _scc(unit_rows(x)[None], tau, epsilon, generator)
 
 
 # ----------------------------------------------------------------------------------------------
 # SCC
-
-
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their L2 norm; zero rows stay zero (cosine 0 to everything)."""
-    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / torch.where(norms > 0, norms, 1.0)
 
 
 def _segment_mean(x: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
@@ -135,7 +126,7 @@ def _scc(units: torch.Tensor, tau: float, epsilon: float,
     """Components of B independent graphs, one per batch row of `units` (B, n, D).
 
     Returns (comp, count): comp (B*n,) is each node's component index, components numbered
-    batch by batch and, within a batch, in the spec's order; count is their total.
+    batch by batch and, within a batch, in step 5's order; count is their total.
     """
     batch, n, _ = units.shape
     device = units.device
@@ -259,13 +250,10 @@ class Scissor(Compressor):
     name = "scissor"
     stages = frozenset({"visual"})
     # a requested retention is reached by bisecting tau: -1 merges (almost) everything, 1 nothing
-    retention_knob = RetentionKnob("tau", measure="rho_tok", low=-1.0, high=1.0)
+    retention_knob = RetentionKnob("tau", measure="rho_tok")
     label_knobs = ("tau",)
-    tau: float = 0.9
-    epsilon: float = 0.05
-
-    def __post_init__(self):
-        _check_args(self.tau, self.epsilon)
+    tau: float = cosine_threshold(0.9, "an edge joins two tokens whose cosine exceeds tau")
+    epsilon: float = knob(0.05, "error tolerance of the sampled component search", low=0.0, low_open=True)
 
     def flops(self, frames: int, tokens: int, dim: int) -> float:
         """An upper bound of the dense products it cannot avoid: each frame's N x N similarities, then

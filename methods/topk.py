@@ -1,6 +1,6 @@
 """Attention-score top-k: keep the tokens whose patches receive the most vision-encoder attention.
 
-Spec: shared/spec/methods.md ("Attention-score top-k"). The adapter supplies each patch's received
+A baseline of this harness (no official code): the adapter supplies each patch's received
 attention in the last vision layer the model uses; the 27x27 map is pooled to the feature grid with
 the same bilinear resize as the features, and the top k per frame are kept in their original order.
 """
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as nnf
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VisualInput, check_range
-from methods.select import top_k_ascending
+from methods.core.base import Compressor, RetentionKnob, VisualInput, fraction
+from methods.core.select import kept_count, top_k_ascending
 
 
 def pooled_scores(patch_scores: torch.Tensor, grid: tuple[int, int],
@@ -47,15 +47,12 @@ class TopK(Compressor):
     stages = frozenset({"visual"})
     retention_knob = RetentionKnob("retention", direct=True)
     needs = frozenset({"patch_scores"})
-    retention: float = 0.25
-
-    def __post_init__(self):
-        check_range("topk.retention", self.retention, 0.0, 1.0, low_open=True)
+    retention: float = fraction(0.25, "share of each frame's tokens kept")
 
     def compress(self, x: VisualInput) -> torch.Tensor:
         if x.patch_scores is None:
             raise ValueError("topk needs the vision encoder's patch attention (patch_scores)")
         frames, n, dim = x.features.shape
-        k = max(1, round(self.retention * n))
+        k = kept_count(self.retention, n)
         keep = top_k_ascending(pooled_scores(x.patch_scores, x.grid, x.patch_grid), k)
         return x.features.gather(1, keep.to(x.features.device)[..., None].expand(-1, -1, dim)).flatten(0, 1)

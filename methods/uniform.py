@@ -1,6 +1,9 @@
 """Uniform pooling: bilinear resize of each frame's token grid, then uniform pooling in time.
 
-Spec: shared/spec/methods.md ("Uniform pooling").
+A baseline of this harness (no official code): per frame, a bilinear resize (align_corners=False)
+of the token grid to the h x w grid, h <= w, whose size is closest to r*N (ties: the squarer grid);
+below one token per frame, frames are also averaged in groups of consecutive frames. The achieved
+retention is reported, not the requested one.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as nnf
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VisualInput, check_range
+from methods.core.base import Compressor, RetentionKnob, VisualInput, fraction
 
 
 def target_grid(retention: float, h: int, w: int) -> tuple[int, int]:
@@ -43,10 +46,7 @@ class Uniform(Compressor):
     name = "uniform"
     stages = frozenset({"visual"})
     retention_knob = RetentionKnob("retention", direct=True)
-    retention: float = 0.25
-
-    def __post_init__(self):
-        check_range("uniform.retention", self.retention, 0.0, 1.0, low_open=True)
+    retention: float = fraction(0.25, "share of tokens kept (the closest grid per frame)")
 
     def compress(self, x: VisualInput) -> torch.Tensor:
         frames, n, dim = x.features.shape

@@ -4,11 +4,15 @@ Tokens are scored by multi-scale Gaussian similarity to the video's and the fram
 half of the channels with the lowest variance); frames unlike the rest get a larger share of the
 budget; each frame keeps its least typical tokens unchanged, in original order. Attention-free.
 
-Spec: shared/spec/methods-video.md, "VidCom2". Official code followed: xuyang-liu16/VidCom2
-`token_compressor/vidcom2/vidcom2.py` (`vidcom2_compression` with model="llava_ov"), inserted as
-`token_compressor/models/llava.py` does: on the projected, 2x2-pooled (F*196, D) features, before
-the single trailing newline. The spec's formulas are the official ones; where it is silent this
-module does what the official code does:
+Paper: Liu et al., "Video Compression Commander: Plug-and-Play Inference Acceleration for Video Large
+Language Models" (VidCom2), EMNLP 2025, arXiv:2505.14454. Official code followed: xuyang-liu16/VidCom2,
+read at commit 944a17d, `token_compressor/vidcom2/vidcom2.py` (`vidcom2_compression` with
+model="llava_ov"), inserted as `token_compressor/models/llava.py` does: on the projected, 2x2-pooled
+(F*196, D) features, before the single trailing newline. The method in five steps: (1) the
+lowest-variance half of the channels, (2) normalised rows and the video / frame centres, (3) the
+multi-scale Gaussian similarity v, f to each centre, (4) per-frame budgets from a softmax over the
+frames' uniqueness, (5) per frame the lowest v + f. The formulas are the official ones; in the
+details this module does what the official code does:
 - variance over all F*N tokens is the population variance (`unbiased=False`); the kept channels
   are the `int(D * 0.5)` lowest; rows are L2-normalised after the channel selection with
   `F.normalize` (divide by max(norm, 1e-12)); the centres are plain means of normalised rows (not
@@ -33,13 +37,13 @@ Deviations:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from methods import register
-from methods.base import Compressor, RetentionKnob, VisualInput, check_range
+from methods.core.base import Compressor, RetentionKnob, VisualInput, fraction
+from methods.core.similarity import checked_features, compute_dtype
 
 __all__ = ["ALPHAS", "TEMPERATURE", "frame_budgets", "gaussian_scores", "vidcom2_compress",
            "vidcom2_keep"]
@@ -49,29 +53,10 @@ TEMPERATURE = 0.01
 CHANNEL_SHARE = 0.5
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_retention(retention: float) -> None:
-    check_range("vidcom2.retention", retention, 0.0, 1.0, low_open=True)
-    if math.isnan(retention):  # compares false with everything, so check_range lets it through
-        raise ValueError("vidcom2.retention=nan: expected a value in (0.0, 1.0]")
-
-
-def _checked(features, retention: float) -> torch.Tensor:
-    _check_retention(retention)
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features: expected a torch.Tensor, got {type(features).__name__}")
-    if features.dim() != 3 or 0 in features.shape:
-        raise ValueError(f"features: expected a non-empty (F, N, D) tensor, got shape {tuple(features.shape)}")
-    if not features.is_floating_point():
-        raise TypeError(f"features: expected a floating-point tensor, got {features.dtype}")
-    return features
 
 
 def gaussian_scores(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F, N, D) -> (v, f), each (F, N): spec steps 1-3 (similarity to the video / frame centre).
+    """(F, N, D) -> (v, f), each (F, N): steps 1-3 (similarity to the video / frame centre).
 
     Memory-bound, so written as three passes over X without X-sized temporaries: the channel
     variance (one pass in row blocks), the selected channels' norms with each frame's sum of
@@ -80,7 +65,7 @@ def gaussian_scores(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     ||y - c||^2 = ||y||^2 - 2 y.c + ||c||^2 for the normalised rows y.
     """
     frames, per_frame, dim = features.shape
-    x = features.to(_compute_dtype(features.dtype))
+    x = features.to(compute_dtype(features.dtype))
     # 1. the int(D/2) channels of lowest population variance over all tokens (ties: lower index)
     variance = _channel_variance(x.reshape(frames * per_frame, dim))
     channels = torch.sort(variance, stable=True).indices[: int(dim * CHANNEL_SHARE)]
@@ -158,7 +143,7 @@ def _norms_and_frame_sums(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
 
 
 def frame_budgets(v: torch.Tensor, retention: float) -> torch.Tensor:
-    """(F, N) video scores -> (F,) long: tokens each frame keeps, spec step 4 and step 5's count."""
+    """(F, N) video scores -> (F,) long: tokens each frame keeps, step 4 and step 5's count."""
     per_frame = v.shape[1]
     uniqueness = -v.mean(dim=-1)
     p = torch.softmax((uniqueness - uniqueness.max()) / TEMPERATURE, dim=0)
@@ -169,7 +154,8 @@ def frame_budgets(v: torch.Tensor, retention: float) -> torch.Tensor:
 @torch.no_grad()
 def vidcom2_keep(features: torch.Tensor, retention: float) -> torch.Tensor:
     """(F, N, D) -> (F, N) bool: the tokens VidCom2 keeps (frame f keeps its k_f lowest v + f)."""
-    x = _checked(features, retention)
+    VidCom2.check_knobs(retention=retention)
+    x = checked_features(features)
     v, f = gaussian_scores(x)
     budget = frame_budgets(v, retention)
     score = v + f
@@ -195,10 +181,7 @@ class VidCom2(Compressor):
     name = "vidcom2"
     stages = frozenset({"visual"})
     retention_knob = RetentionKnob("retention", direct=True)
-    retention: float = 0.25
-
-    def __post_init__(self):
-        _check_retention(self.retention)
+    retention: float = fraction(0.25, "base share of tokens kept per frame (official base_scale)")
 
     def compress(self, x: VisualInput) -> torch.Tensor:
         return vidcom2_compress(x.features, self.retention)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import methods
-from harness.feature_cache import FeatureCache, encode_file
+from harness.data.feature_cache import FeatureCache, encode_file
 from harness.models import FAMILIES, adapter_class, family_of
-from methods import decoder
+from methods.core import decoder
 
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 FRAMES = 4
@@ -41,6 +41,7 @@ def stock_inputs(name, adapter, ids, video):
             "mm_token_type_ids": (full == adapter.video_token_id).int() * 2}
 
 
+@pytest.mark.slow
 def test_families_are_registered_and_known_from_a_checkpoint(tiny_model_dir, qwen_model_dir, tmp_path):
     for name in FAMILIES:
         assert adapter_class(name).family == name
@@ -79,6 +80,7 @@ def test_a_checkpoint_of_another_family_is_refused_before_its_weights_load(qwen_
         LlavaOneVision(str(qwen_model_dir), device="cpu")
 
 
+@pytest.mark.slow
 def test_none_equals_the_stock_model(family):
     name, adapter, _, video = family
     none = methods.build("none")
@@ -92,6 +94,7 @@ def test_none_equals_the_stock_model(family):
     assert prompt.run.video_tokens_in == prompt.run.video_tokens_out == prompt.run.frames * prompt.run.frame_tokens
 
 
+@pytest.mark.slow
 def test_cached_decoding_follows_the_full_recompute(family):
     name, adapter, _, video = family
     none = methods.build("none")

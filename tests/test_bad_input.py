@@ -7,9 +7,8 @@ import re
 import pytest
 
 from harness.errors import ConfigError
-from harness.rundir import read_samples
-from harness.run import run
-from tests.test_end_to_end import harness, only_run_dir
+from harness.run.rundir import read_samples
+from tests.helpers import harness, only_run_dir, run_config
 
 
 @pytest.mark.parametrize("override, message", [
@@ -33,7 +32,7 @@ from tests.test_end_to_end import harness, only_run_dir
      "model.build_tiny=true builds the embedded LLaVA-OneVision smoke model: expected model.family=llava_onevision"),
 ])
 def test_every_ranged_field_is_checked_before_anything_loads(cfg_factory, override, message, monkeypatch):
-    import harness.run as run_module
+    import harness.run.evaluate as run_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the task or model was loaded before the config was checked")
@@ -41,14 +40,15 @@ def test_every_ranged_field_is_checked_before_anything_loads(cfg_factory, overri
     monkeypatch.setattr(run_module, "load_tasks", no_loading)
     monkeypatch.setattr(run_module, "prepare_task_data", no_loading)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        run(cfg_factory(*override.split()))
+        run_config(cfg_factory(*override.split()))
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method.K=99", "fastv.K=99: expected K < 8, the LLM's number of layers"),
+    ("method.K=99", "fastv.K=99: expected a layer in [1, 7] for an LLM of 8 layers"),
     ("method.K=0", "fastv.K=0: expected an integer in [1, inf]"),
     ("method.keep=2", "fastv.keep=2: expected a value in (0.0, 1.0]"),
 ])
+@pytest.mark.slow
 def test_method_knobs_are_checked_before_the_model_loads(cfg_factory, override, message, monkeypatch):
     import harness.models.llava_onevision as llava
 
@@ -57,33 +57,34 @@ def test_method_knobs_are_checked_before_the_model_loads(cfg_factory, override, 
 
     monkeypatch.setattr(llava.LlavaOneVision, "__init__", no_model)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        run(cfg_factory("+method=fastv", override))
+        run_config(cfg_factory("+method=fastv", override))
 
 
 def test_a_method_needing_inputs_the_family_lacks_is_refused_before_loading(cfg_factory, tmp_path, monkeypatch):
     """FastVID's SigLIP head reads SigLIP's encoder states (encoder_hidden): not defined for Qwen2.5-VL."""
-    import harness.run as run_module
-    from tests.test_fastvid import random_siglip
+    import harness.run.evaluate as run_module
+    from tests.helpers import random_siglip
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the task or model was loaded before the method was checked against the family")
 
     monkeypatch.setattr(run_module, "load_tasks", no_loading)
-    monkeypatch.setattr(run_module, "prepare_model", no_loading)
+    monkeypatch.setattr(run_module, "model_directory", no_loading)
     path = tmp_path / "siglip32"
     random_siglip(hidden=32, heads=2, seed=3).save_pretrained(path)
     message = ("method fastvid needs encoder_hidden from the vision encoder, which model.family=qwen2_5_vl "
                "does not provide: the method is not defined for this family")
     with pytest.raises(ConfigError, match=re.escape(message)):
-        run(cfg_factory("model=qwen2_5_vl_small", "+method=fastvid", f"method.siglip_path={path}"))
+        run_config(cfg_factory("model=qwen2_5_vl_small", "+method=fastvid", f"method.siglip_path={path}"))
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["model.frames=0"], "error: model.frames=0: expected an integer >= 1"),
     (["model.frames=-3"], "error: model.frames=-3: expected an integer >= 1"),
-    (["+method=fastv", "method.K=99"], "error: fastv.K=99: expected K < 8"),
+    (["+method=fastv", "method.K=99"], "error: fastv.K=99: expected a layer in [1, 7]"),
 ])
+@pytest.mark.slow
 def test_config_errors_are_one_line_and_a_failing_exit(args, message, tmp_path, cache_dir):
     proc = harness(*args, results=tmp_path / "results", cache=cache_dir, check=False)
     assert proc.returncode == 2
@@ -96,10 +97,10 @@ def test_invalid_model_config_json_names_the_file(tmp_path, cfg_factory):
     model.mkdir()
     (model / "config.json").write_text('{"text_config": {"hidden_size": 8,}')
     with pytest.raises(ConfigError, match=f"{model}/config.json is not valid JSON \\(line 1, column 35"):
-        run(cfg_factory("model=llava_ov_0.5b", f"model.path={model}", "task.limit=1"))
+        run_config(cfg_factory("model=llava_ov_0.5b", f"model.path={model}", "task.limit=1"))
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_an_unexpected_exception_is_one_line_naming_the_log(tmp_path, cache_dir, tiny_model_dir):
     """A model directory whose weights are garbage: the loader's exception is not ours to word,
     but it still ends in one line, with the log holding the traceback and a failing exit."""
@@ -120,7 +121,7 @@ def test_an_unexpected_exception_is_one_line_naming_the_log(tmp_path, cache_dir,
     assert "Traceback" in open(log).read() and "Traceback" not in proc.stderr
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_a_failing_point_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir, tiny_model_dir):
     results = tmp_path / "results"
     proc = harness("-m", "+method=uniform", "retention=0.5", "model.frames=0,2", "task.limit=2",
@@ -131,6 +132,7 @@ def test_a_failing_point_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, 
     assert "uniform (r=0.5)" in (sweep / "table.md").read_text()  # the other point ran
 
 
+@pytest.mark.slow
 def test_changed_videos_are_not_resumed(cfg_factory, tmp_path, smoke_questions, capsys):
     data = tmp_path / "data"
     (data / "videos").mkdir(parents=True)
@@ -141,11 +143,11 @@ def test_changed_videos_are_not_resumed(cfg_factory, tmp_path, smoke_questions, 
         row["video"] = str(target)
     (data / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = cfg_factory(f"task.data_dir={data}", "+method=uniform", "retention=0.5")
-    run_dir = run(cfg)
+    run_dir = run_config(cfg)
     first = read_samples(run_dir / "samples.jsonl")
     assert len(first) == 3
     capsys.readouterr()
-    run(cfg)  # unchanged data: complete, nothing recomputed
+    run_config(cfg)  # unchanged data: complete, nothing recomputed
     assert "(already complete)" in capsys.readouterr().out
     # the second video is replaced by another clip: a finished run is not taken as done, and its
     # samples are discarded with a note
@@ -153,7 +155,7 @@ def test_changed_videos_are_not_resumed(cfg_factory, tmp_path, smoke_questions, 
     (data / "videos" / "v1.mp4").write_bytes(open(other, "rb").read())
     st = os.stat(data / "videos" / "v1.mp4")
     os.utime(data / "videos" / "v1.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    run(cfg)
+    run_config(cfg)
     err = capsys.readouterr().err
     assert "3 samples of" in err and "were discarded: 1 of its data files changed since" in err
     assert "v1.mp4" in err
@@ -162,7 +164,7 @@ def test_changed_videos_are_not_resumed(cfg_factory, tmp_path, smoke_questions, 
     assert len(read_samples(run_dir / "samples.jsonl")) == 3
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_the_default_command_prints_only_its_own_lines(tmp_path, cache_dir, tiny_model_dir, smoke_questions):
     results = tmp_path / "results"
     proc = harness("task.limit=3", results=results, cache=cache_dir)

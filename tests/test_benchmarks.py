@@ -19,15 +19,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from harness.data.tasks import load_tasks
 from harness.errors import ConfigError
 from harness.lmms_compat import score_one
-from harness.run import load_tasks, run
-from harness.summary import to_100
-from harness.table import write_tables
-from tests.conftest import REPO
-from tests.fixtures_benchmarks import BENCHMARKS, write_benchmark
+from harness.report.summary import to_100
+from harness.report.tables import write_tables
+from tests.helpers import REPO, job_of, run_config
+from tests.helpers.benchmarks import BENCHMARKS, write_benchmark
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 # what each conf/task/<name>.yaml must declare: lmms_eval task, metric, native scale, table label
 DECLARED = {
@@ -130,7 +130,7 @@ def test_lmms_eval_prompt_parsing_and_scale(name, benchmark_cfg):
     """lmms_eval's own prompt, visual path, answer parsing and aggregation on the stand-in data;
     the declared scale turns the aggregated value into the expected 0-100 score."""
     cfg, fx = benchmark_cfg(name)
-    (task,) = load_tasks(cfg).values()
+    (task,) = load_tasks(job_of(cfg).task).values()
     docs = list(task.test_docs())
     assert len(docs) == len(fx["rows"])
     prompt = task.doc_to_text(docs[0])
@@ -157,14 +157,14 @@ def test_benchmark_runs_end_to_end(name, benchmark_cfg):
     """The tiny model through the real task: every sample recorded, the bad video one failed
     sample (with its id and reason), lmms_eval's score normalised to 0-100, the table marked."""
     cfg, fx = benchmark_cfg(name)
-    run_dir = run(cfg)
+    run_dir = run_config(cfg)
     _check_run(cfg, fx, run_dir)
 
 
 def test_activitynetqa_runs_with_the_judge(benchmark_cfg, fake_judge):
     cfg, fx = benchmark_cfg("activitynetqa", f"task.judge={JUDGE}")  # reaches lmms_eval's client
     assert not cfg.task.live_score
-    run_dir = run(cfg)
+    run_dir = run_config(cfg)
     summary = _check_run(cfg, fx, run_dir)
     # the judge was asked once per sample, by lmms_eval's client, with our model name and key
     assert len(fake_judge.requests) == len(fx["rows"])
@@ -185,12 +185,12 @@ def test_activitynetqa_without_key_stops_before_any_sample(benchmark_cfg, monkey
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg, _ = benchmark_cfg("activitynetqa")
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
-        run(cfg)
+        run_config(cfg)
     assert not list((tmp_path / "results").glob("*/samples.jsonl"))
 
 
 def _records(run_dir):
-    from harness.rundir import read_samples
+    from harness.run.rundir import read_samples
     return read_samples(run_dir / "samples.jsonl")
 
 

@@ -4,15 +4,16 @@ import json
 
 import pytest
 
-from harness.calibrate import TOLERANCE, bisect_knob
 from harness.errors import ConfigError
-from harness.run import run
+from harness.run.calibrate import TOLERANCE, bisect_knob
+from tests.helpers import run_config
 
 
+@pytest.mark.slow
 def test_scissor_retention_target_is_reached_and_cached(cfg_factory, cache_dir, capsys):
     # the calibration subset is the first 8 documents: run exactly those
     cfg = cfg_factory("+method=scissor", "retention=0.3", "task.limit=8")
-    run_dir = run(cfg)
+    run_dir = run_config(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["label"] == "r=0.3" and summary["target_retention"] == 0.3
     assert abs(summary["retention"]["rho_tok"]["mean"] - 0.3) <= TOLERANCE
@@ -23,7 +24,7 @@ def test_scissor_retention_target_is_reached_and_cached(cfg_factory, cache_dir, 
     cached = list((cache_dir / "calibration").glob("scissor-*.json"))
     assert cached
     # same target again (another run id): the cached tau, no new bisection
-    run(cfg_factory("+method=scissor", "retention=0.3", "task.limit=8", "run_id=again"))
+    run_config(cfg_factory("+method=scissor", "retention=0.3", "task.limit=8", "run_id=again"))
     assert "calibrated scissor" not in capsys.readouterr().out
 
 

@@ -1,13 +1,18 @@
-"""The shared density-peak clustering (methods/clustering.py) against a literal loop reference."""
+"""The shared density-peak clustering (methods/core/clustering.py) against a literal loop reference."""
 
 import math
 
 import pytest
 import torch
 
-from methods.clustering import (assign_to_centres, cluster_mean, density_peaks, pairwise_distance,
-                                top_scores)
-from methods.frames import same_position_similarity, segments_from_cuts
+from methods.core.clustering import (
+    assign_to_centres,
+    cluster_mean,
+    density_peaks,
+    pairwise_distance,
+)
+from methods.core.select import top_k
+from methods.core.similarity import same_position_similarity, segments_from_cuts
 
 
 def literal_dpc(x, k):
@@ -34,13 +39,13 @@ def test_density_peaks_equal_the_literal_formula(n, c, k, seed):
         torch.testing.assert_close(peaks.score[b].double(), torch.tensor(score, dtype=torch.float64), rtol=1e-4, atol=1e-6)
 
 
-def test_centres_are_the_top_scores_and_tokens_go_to_the_nearest():
+def test_centres_are_the_top_k_and_tokens_go_to_the_nearest():
     g = torch.Generator().manual_seed(3)
     # three well separated blobs: their densest points are the centres
     blobs = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     x = (blobs.repeat_interleave(6, 0) + 0.3 * torch.randn(18, 2, generator=g))[None]
     peaks = density_peaks(x, 4)
-    centres = top_scores(peaks.score, 3)
+    centres = top_k(peaks.score, 3)
     assert sorted((centres[0] // 6).tolist()) == [0, 1, 2]  # one centre per blob
     label = assign_to_centres(peaks.distance, centres)
     for i in range(18):

@@ -8,18 +8,20 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from harness.errors import ConfigError
-from harness.run import choose_method
-from tests.conftest import CONF
+from harness.run.config import SWEEPS
+from tests.helpers import CONF, choice_of, job_of
 
 
 def group_overrides():
-    # conf/sweep links to sweeps/; glob it explicitly (rglob does not follow directory links)
-    for path in sorted([*CONF.rglob("*.yaml"), *(CONF / "sweep").glob("*.yaml")]):
+    """Every config of every group under conf/, and every named sweep of sweeps/."""
+    for path in sorted(CONF.rglob("*.yaml")):
         rel = path.relative_to(CONF)
         if rel.parent == Path("."):
             continue
         group, name = str(rel.parent), rel.stem
-        yield ("+" if group in ("method", "sweep") else "") + f"{group}={name}"
+        yield ("+" if group == "method" else "") + f"{group}={name}"
+    for path in sorted(SWEEPS.glob("*.yaml")):
+        yield f"+sweep={path.stem}"
 
 
 @pytest.mark.parametrize("override", list(group_overrides()))
@@ -28,7 +30,7 @@ def test_every_config_composes(override, tmp_path):
         cfg = compose(config_name="config", overrides=[override], return_hydra_config=True)
     OmegaConf.resolve(cfg)  # interpolations resolve too
     if override.startswith("+method="):
-        assert choose_method(cfg).name == override.split("=")[1]
+        assert choice_of(cfg).name == override.split("=")[1]
 
 
 def compose_cfg(*overrides):
@@ -50,7 +52,7 @@ def test_wrong_type_is_rejected():
 def test_misspelt_method_knob_is_rejected():
     cfg = compose_cfg("+method=uniform", "+method.retension=0.3")
     with pytest.raises(ConfigError, match="retension.*its knobs are retention"):
-        choose_method(cfg)
+        choice_of(cfg)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -63,21 +65,21 @@ def test_misspelt_method_knob_is_rejected():
 ])
 def test_knob_out_of_range(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        choose_method(compose_cfg(*overrides))
+        choice_of(compose_cfg(*overrides))
 
 
 def test_the_reference_ignores_a_retention_target(capsys):
-    choice = choose_method(compose_cfg("retention=0.5"))  # a sweep point of `none`: same run
+    choice = choice_of(compose_cfg("retention=0.5"))  # a sweep point of `none`: same run
     assert choice.name == "none" and choice.target_retention is None and choice.knobs == {}
     assert "does not apply" in capsys.readouterr().err
 
 
 def test_top_level_knobs_reach_the_method():
-    assert choose_method(compose_cfg("+method=scissor", "tau=0.85")).knobs["tau"] == 0.85
-    assert choose_method(compose_cfg("+method=scissor")).knobs["tau"] == 0.9
-    choice = choose_method(compose_cfg("+method=uniform", "retention=0.1"))
+    assert choice_of(compose_cfg("+method=scissor", "tau=0.85")).knobs["tau"] == 0.85
+    assert choice_of(compose_cfg("+method=scissor")).knobs["tau"] == 0.9
+    choice = choice_of(compose_cfg("+method=uniform", "retention=0.1"))
     assert choice.knobs == {"retention": 0.1} and choice.target_retention is None
-    choice = choose_method(compose_cfg("+method=scissor", "retention=0.1"))
+    choice = choice_of(compose_cfg("+method=scissor", "retention=0.1"))
     assert choice.target_retention == 0.1
 
 
@@ -87,15 +89,15 @@ def test_unknown_method_names_the_known_ones():
     assert "\tscissor\n" in str(err.value)  # the known names are listed
     cfg = compose_cfg("method.name=foo")
     with pytest.raises(ConfigError, match="unknown method, expected one of .*none.*scissor.*uniform"):
-        choose_method(cfg)
+        choice_of(cfg)
 
 
+@pytest.mark.slow
 def test_run_ids_are_stable_and_change_exactly_with_what_changes_the_results():
-    from harness.run import run_id
+    from harness.run.identity import run_id
 
     def rid(*overrides):
-        cfg = compose_cfg("model=tiny", "task=smoke", "cache_dir=/fixed/cache", *overrides)
-        return run_id(cfg, choose_method(cfg))
+        return run_id(job_of(compose_cfg("model=tiny", "task=smoke", "cache_dir=/fixed/cache", *overrides)))
 
     base = rid("+method=scissor", "tau=0.9")
     assert base == GOLDEN_RUN_ID  # the same config lands in the same directory across versions

@@ -1,4 +1,4 @@
-"""The shared decoder driver (methods/decoder.py) against the stock transformers model.
+"""The shared decoder driver (methods/core/decoder.py) against the stock transformers model.
 
 References here never call the driver: they run the stock Qwen2 model (its own forward, with
 explicit position ids and 4-D masks where the driver keeps positions or hides entries).
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import methods
+from harness.data.video import preprocess, read_frames
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods import decoder
-from methods.base import Compressor, VideoTokens
-from methods.decoder import Keep
+from methods.core import decoder
+from methods.core.base import Compressor, VideoTokens
+from methods.core.decoder import Keep
 
 FRAMES = 2
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
@@ -239,6 +239,7 @@ class DropOddMid:
 
 
 @pytest.mark.parametrize("layer", [0, 5])
+@pytest.mark.slow
 def test_mid_layer_drop_runs_the_mlp_on_the_kept_tokens(adapter, pixels, layer, tiny_model_dir):
     none = methods.build("none")
     ids, _ = adapter.prompt_ids(QUESTION)

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from harness.rundir import RunDir
-from tests.conftest import REPO
+from harness.run.rundir import RunDir
+from tests.helpers import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 def launch(prefix, results, cache):

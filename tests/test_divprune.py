@@ -1,6 +1,6 @@
-"""methods/divprune.py against the spec (methods-video.md, "DivPrune") and its literal restatement.
+"""methods/divprune.py against the method as its docstring states it and its literal restatement.
 
-The literal reference (tests/divprune_reference.py) recomputes every candidate's minimum distance to
+The literal reference (tests/reference/divprune.py) recomputes every candidate's minimum distance to
 the selected set at every step in plain Python, in float64. float64 input makes the implementation
 decide in float64 as well; float32 comparisons use inputs whose per-step best and second-best
 scores are at least SAFE apart.
@@ -14,11 +14,20 @@ import pytest
 import torch
 
 import methods
+from harness.data.video import preprocess, read_frames
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods.base import VisualInput
-from methods.divprune import DivPrune, divprune_budget, divprune_compress, divprune_select
-from tests.divprune_reference import official_style_select, reference_divprune, reference_select
+from methods.core.base import VisualInput
+from methods.divprune import (
+    DivPrune,
+    divprune_budget,
+    divprune_compress,
+    divprune_select,
+)
+from tests.reference.divprune import (
+    official_style_select,
+    reference_divprune,
+    reference_select,
+)
 
 SAFE = 1e-5
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
@@ -96,6 +105,7 @@ def test_greedy_max_min_on_a_circle():
     assert torch.equal(divprune_compress(x[None], 0.6), x[[1, 3, 4]])
 
 
+@pytest.mark.slow
 def test_running_minimum_equals_the_official_re_minimum_on_ordinary_input():
     """The official structure (unmasked, re-minimum over all selected rows) picks the same tokens.
 
@@ -247,6 +257,7 @@ def pixels(adapter, smoke_questions):
 
 
 @pytest.mark.parametrize("scope", ["video", "frame"])
+@pytest.mark.slow
 def test_the_llm_sees_the_kept_features_at_consecutive_positions(adapter, pixels, scope):
     ids, _ = adapter.prompt_ids(QUESTION)
     prompt = adapter.prepare(pixels, DivPrune(retention=0.25, scope=scope), ids)
@@ -271,11 +282,12 @@ def test_full_retention_reproduces_none_s_logits(adapter, pixels, scope):
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_runs_in_the_harness(cfg_factory):
-    from harness.run import run
+    from tests.helpers import run_config
 
     scope = "frame"  # the knob reaches the method through the config (video: the default)
     cfg = cfg_factory("+method=divprune", "retention=0.25", f"method.scope={scope}", "task.limit=2")
-    summary = json.loads((run(cfg) / "summary.json").read_text())
+    summary = json.loads((run_config(cfg) / "summary.json").read_text())
     assert summary["method"] == "divprune" and summary["knobs"] == {"retention": 0.25, "scope": scope}
     assert summary["retention"]["rho_tok"]["mean"] == pytest.approx(0.25)

@@ -1,6 +1,6 @@
-"""DyCoke (shared/spec/methods-video.md, "DyCoke"): both stages against literal references.
+"""DyCoke (methods/dycoke.py): both stages against literal references.
 
-The visual stage is compared with tests/dycoke_reference.py (loops, float64). The decode stage is
+The visual stage is compared with tests/reference/dycoke.py (loops, float64). The decode stage is
 compared with the stock model run without a cache: at every generated token the reference takes
 the eager attention of layer L-1, runs the literal selection (ReferenceSelection) on it, and hides
 the unselected video entries from that token's row in layers >= L (a 4-D mask), as in
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import methods
+from harness.data.video import preprocess, read_frames
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods import decoder
-from methods.base import VisualInput
+from methods.core import decoder
+from methods.core.base import VisualInput
 from methods.dycoke import (
     DyCoke,
     DynamicKVSelection,
@@ -29,7 +29,7 @@ from methods.dycoke import (
     merged_count,
     select_video_entries,
 )
-from tests.dycoke_reference import ReferenceSelection, literal_cosine, reference_ttm
+from tests.reference.dycoke import ReferenceSelection, literal_cosine, reference_ttm
 
 FRAMES = 4
 LAYERS = 8  # decoder layers of the tiny smoke model
@@ -175,11 +175,11 @@ def test_default_layer_is_the_official_one_scaled_to_the_depth():
     assert decode_layer(None, LAYERS) == 1  # the tiny model: round(0.86)
     assert decode_layer(None, 2) == 1 and decode_layer(None, 100) == 11
     assert decode_layer(5, 28) == 5
-    with pytest.raises(ValueError, match="dycoke.layer=8: expected layer < 8"):
-        DyCoke(layer=8).decode_policy(methods.flops.LLMShape(64, 128, 8))
+    with pytest.raises(ValueError, match=r"dycoke.layer=8: expected a layer in \[1, 7\] for an LLM of 8 layers"):
+        DyCoke(layer=8).decode_policy(methods.core.flops.LLMShape(64, 128, 8))
     with pytest.raises(ValueError, match="1 layer"):
         decode_layer(None, 1)
-    policy = DyCoke(prune_ratio=0.6, reprune_threshold=0.8).decode_policy(methods.flops.LLMShape(64, 128, 28))
+    policy = DyCoke(prune_ratio=0.6, reprune_threshold=0.8).decode_policy(methods.core.flops.LLMShape(64, 128, 28))
     assert (policy.layer, policy.prune_ratio, policy.threshold) == (3, 0.6, 0.8)
 
 
@@ -377,6 +377,7 @@ def reference_decode(adapter, eager, embeds, span, layer, prune_ratio, threshold
     (3, 0.3, 1.0),  # re-selected at every step
     (6, 0.8, 0.99998),
 ])
+@pytest.mark.slow
 def test_cached_decode_equals_the_uncached_masked_reference(adapter, eager, pixels, layer, prune_ratio,
                                                             threshold):
     steps = 6
@@ -476,10 +477,11 @@ def test_a_prefill_stage_at_the_decode_layer_is_an_error(adapter, pixels):
 
 
 # ---- through the harness ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_summary_reports_the_decode_kv_retention(cfg_factory):
-    from harness.run import run
+    from tests.helpers import run_config
 
-    run_dir = run(cfg_factory("+method=dycoke", "task.limit=2"))
+    run_dir = run_config(cfg_factory("+method=dycoke", "task.limit=2"))
     summary = json.loads((run_dir / "summary.json").read_text())
     frames = 8  # conf/model/tiny.yaml
     videos = merged_count(frames, 196, 0.7)
@@ -492,20 +494,22 @@ def test_run_summary_reports_the_decode_kv_retention(cfg_factory):
     assert all(s["retention"]["rho_decode_kv"] == pytest.approx(int(videos * 0.3) / videos) for s in samples)
 
 
+@pytest.mark.slow
 def test_retention_calibrates_merge_ratio(cfg_factory, adapter):
-    from harness.calibrate import TOLERANCE, calibrate
-    from harness.run import choose_method, load_tasks, prepare_task_data
+    from harness.data.tasks import load_tasks, prepare_task_data
+    from harness.run.calibrate import TOLERANCE, calibrate
+    from tests.helpers import choice_of, job_of
 
     cfg = cfg_factory("+method=dycoke", "retention=0.5")
-    choice = choose_method(cfg)
+    choice = choice_of(cfg)
     assert choice.target_retention == 0.5 and choice.label == "r=0.5"
-    prepare_task_data(cfg)
-    tasks = load_tasks(cfg)
-    result = calibrate(choice.build(), 0.5, adapter, tasks, frames=cfg.model.frames,
+    prepare_task_data(job_of(cfg).task)
+    tasks = load_tasks(job_of(cfg).task)
+    result = calibrate(choice.compressor, 0.5, adapter, tasks, frames=cfg.model.frames,
                        size=cfg.task.calibration_size, identity={})
     k = result["knobs"]["merge_ratio"]
     frames = cfg.model.frames
     achieved = merged_count(frames, 196, k) / (frames * 196)
     assert result["achieved_on_calibration"] == pytest.approx(achieved)
     assert abs(achieved - 0.5) <= TOLERANCE / 4
-    assert math.isclose(choice.build().merge_ratio, 0.7)  # the other knobs stay
+    assert math.isclose(choice.compressor.merge_ratio, 0.7)  # the other knobs stay

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 
-from harness.run import run
-from harness.rundir import read_samples
-from tests.conftest import REPO, smoke_defaults
+from harness.run.rundir import read_samples
+from tests.helpers import REPO, run_config, smoke_defaults
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 def harness(*args, results, cache, check=True):
@@ -87,16 +86,16 @@ def test_multirun_writes_the_table(tmp_path, cache_dir, tiny_model_dir, smoke_qu
 
 def test_rerun_resumes_without_recomputing(cfg_factory, capsys):
     cfg = cfg_factory("+method=uniform", "retention=0.25", "task.limit=6")
-    run_dir = run(cfg)
+    run_dir = run_config(cfg)
     lines = (run_dir / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 6
     # a crash after three samples: keep them, and a half-written fourth line
     (run_dir / "samples.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
-    run(cfg)
+    run_config(cfg)
     after = (run_dir / "samples.jsonl").read_text().splitlines()
     assert after[:3] == lines[:3]  # untouched
     assert len(read_samples(run_dir / "samples.jsonl")) == 6  # three recomputed, not six
-    run(cfg)  # complete: nothing recomputed, not even loaded
+    run_config(cfg)  # complete: nothing recomputed, not even loaded
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == len(after)
     assert "(already complete)" in capsys.readouterr().out
 
@@ -110,7 +109,7 @@ def test_bad_videos_fail_their_sample_and_the_run_goes_on(cfg_factory, tmp_path,
     for row, name in zip(rows, ["good.mp4", "missing.mp4", "corrupt.mp4"]):
         row["video"] = str(data / "videos" / name)
     (data / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_dir = run(cfg_factory(f"task.data_dir={data}"))
+    run_dir = run_config(cfg_factory(f"task.data_dir={data}"))
     records = {r["doc_id"]: r for r in read_samples(run_dir / "samples.jsonl")}
     assert records[0]["status"] == "ok"
     assert records[1]["status"] == "failed" and "video file not found" in records[1]["reason"]
@@ -135,7 +134,7 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path, cache_dir):
 
 
 def test_wandb_logs_offline(cfg_factory, tmp_path):
-    run_dir = run(cfg_factory("+method=uniform", "retention=0.5", "task.limit=2", "logger=wandb"))
+    run_dir = run_config(cfg_factory("+method=uniform", "retention=0.5", "task.limit=2", "logger=wandb"))
     offline = list((run_dir.parent / "wandb" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb"))  # the run's data file, ready for `wandb sync`

@@ -1,4 +1,4 @@
-"""FastV (shared/spec/methods.md): in-LLM pruning, its KV cache, and retention by FLOPs matching.
+"""FastV (methods/fastv.py): in-LLM pruning, its KV cache, and retention by FLOPs matching.
 
 The references here do not reuse FastV's code: the kept set comes from the stock model's eager
 attention weights, and the pruned forward is checked against the stock model run on the full
@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import methods
-from harness.calibrate import TOLERANCE, CalibrationSet, bisect_knob, mean_measure
+from harness.data.video import preprocess, read_frames
 from harness.errors import ConfigError
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods import decoder
-from methods.attention import query_attention
+from harness.run.calibrate import TOLERANCE, CalibrationSet, bisect_knob, mean_measure
+from methods.core import decoder
+from methods.core.attention import query_attention
+from methods.core.flops import LLMShape, retention_numbers
 from methods.fastv import FastV
-from methods.flops import LLMShape, retention_numbers
 
 FRAMES = 4
 LAYERS = 8  # decoder layers of the tiny smoke model (harness/tiny_model.py)
@@ -67,7 +67,7 @@ def test_bad_knobs_are_rejected(knobs, message):
 
 def test_k_at_or_beyond_the_llm_depth_is_an_error(adapter, pixels):
     depth = adapter.config.text_config.num_hidden_layers
-    with pytest.raises(ValueError, match=f"fastv.K={depth}: expected K < {depth}"):
+    with pytest.raises(ValueError, match=rf"fastv.K={depth}: expected a layer in \[1, {depth - 1}\]"):
         prefill(adapter, pixels, FastV(K=depth), use_cache=True)
 
 
@@ -134,8 +134,8 @@ def test_selection_is_the_top_k_of_eager_attention_at_layer_k_minus_1(adapter, e
 
 
 def test_selection_breaks_ties_towards_lower_indices():
+    from methods.core.select import top_k_ascending
     from methods.fastv import PruneByLastToken
-    from methods.select import top_k_ascending
 
     scores = torch.tensor([0.1, 0.3, 0.3, 0.2, 0.3, 0.0])
     assert top_k_ascending(scores, 3).tolist() == [1, 2, 4]
@@ -181,6 +181,7 @@ def masked_reference_logits(eager, embeds, kept_prompt, K):
 
 
 @pytest.mark.parametrize("K, keep", [(2, 0.25), (1, 0.1)])
+@pytest.mark.slow
 def test_cached_decoding_matches_masked_full_recompute(adapter, eager, pixels, K, keep):
     """Formulation: with the kept set S chosen at prefill, FastV's answer is the stock model run
     on prompt + generated tokens where layers < K attend causally to everything and layers >= K
@@ -240,7 +241,7 @@ def flops_matched(target, K, layers, text, video, d, m):
     shape, data = LLMShape(d, m, layers), CalibrationSet([text], [video])
     spec = FastV.retention_knob
     return bisect_knob(lambda v: mean_measure(FastV(K=K).with_knob("keep", v), spec.measure, data, shape),
-                       spec.low, spec.high, target, precision=1e-5, what="fastv")
+                       *FastV().knob_range(spec.knob), target, precision=1e-5, what="fastv")
 
 
 @pytest.mark.parametrize("target, K, layers, text, video, d, m", [
@@ -275,17 +276,19 @@ def test_unreachable_flops_ratio_names_the_reachable_range():
     assert max(1, round(keep * video)) == 1 and achieved == pytest.approx(lowest)
 
 
+@pytest.mark.slow
 def test_retention_target_calibrates_keep_by_flops(cfg_factory, adapter):
-    from harness.calibrate import calibrate, calibration_set
-    from harness.run import choose_method, load_tasks, prepare_task_data
+    from harness.data.tasks import load_tasks, prepare_task_data
+    from harness.run.calibrate import calibrate, calibration_set
+    from tests.helpers import choice_of, job_of
 
     cfg = cfg_factory("+method=fastv", "retention=0.6")
-    choice = choose_method(cfg)
+    choice = choice_of(cfg)
     assert choice.target_retention == 0.6 and choice.label == "r=0.6"
-    prepare_task_data(cfg)
-    tasks = load_tasks(cfg)
+    prepare_task_data(job_of(cfg).task)
+    tasks = load_tasks(job_of(cfg).task)
     size = cfg.task.calibration_size
-    result = calibrate(choice.build(), 0.6, adapter, tasks, frames=cfg.model.frames, size=size, identity={})
+    result = calibrate(choice.compressor, 0.6, adapter, tasks, frames=cfg.model.frames, size=size, identity={})
     lengths = calibration_set(adapter, tasks, size, cfg.model.frames, False, False).text_tokens
     assert len(lengths) == size
     video = cfg.model.frames * 196
@@ -299,12 +302,12 @@ def test_retention_target_calibrates_keep_by_flops(cfg_factory, adapter):
     # with K=2 of 8 layers unpruned, 25 % of the prefill FLOPs is already spent: an error
     cfg = cfg_factory("+method=fastv", "retention=0.2")
     with pytest.raises(ConfigError, match=r"retention=0.2: unreachable.*reaches 2\d\.\d\d%-100.00%"):
-        calibrate(choose_method(cfg).build(), 0.2, adapter, tasks, frames=cfg.model.frames, size=size,
+        calibrate(choice_of(cfg).compressor, 0.2, adapter, tasks, frames=cfg.model.frames, size=size,
                   identity={})
 
 
 def test_label_names_k_and_keep(cfg_factory):
-    from harness.run import choose_method
+    from tests.helpers import choice_of
 
-    choice = choose_method(cfg_factory("+method=fastv", "method.keep=0.25"))
+    choice = choice_of(cfg_factory("+method=fastv", "method.keep=0.25"))
     assert choice.knobs == {"K": 2, "keep": 0.25} and choice.label == "K=2,keep=0.25"

@@ -5,18 +5,19 @@ import os
 import pytest
 import torch
 
-from harness.feature_cache import FeatureCache
+from harness.data.feature_cache import FeatureCache
 from harness.models.llava_onevision import LlavaOneVision
-from harness.rundir import read_samples
-from harness.run import run
+from harness.run.rundir import read_samples
+from tests.helpers import run_config
 
 NONE, SCORES = frozenset(), frozenset({"patch_scores"})
 
 
+@pytest.mark.slow
 def test_second_run_reuses_features_and_gives_identical_answers(cfg_factory):
-    first = run(cfg_factory("+method=uniform", "retention=0.5", "task.limit=4"))
-    second = run(cfg_factory("+method=uniform", "retention=0.25", "task.limit=4"))
-    uncached = run(cfg_factory("+method=uniform", "retention=0.25", "task.limit=4",
+    first = run_config(cfg_factory("+method=uniform", "retention=0.5", "task.limit=4"))
+    second = run_config(cfg_factory("+method=uniform", "retention=0.25", "task.limit=4"))
+    uncached = run_config(cfg_factory("+method=uniform", "retention=0.25", "task.limit=4",
                                "feature_cache=false", "run_id=uncached"))
     assert all(r["vision_cached"] for r in read_samples(second / "samples.jsonl"))
     assert not any(r["vision_cached"] for r in read_samples(uncached / "samples.jsonl"))

@@ -1,8 +1,8 @@
-"""The FLOPs count (methods/flops.py) against the formula written out per layer and per half."""
+"""The FLOPs count (methods/core/flops.py) against the formula written out per layer and per half."""
 
 import pytest
 
-from methods.flops import (
+from methods.core.flops import (
     LLMShape,
     attention_flops,
     layer_flops,

@@ -1,6 +1,6 @@
-"""FrameFusion (shared/spec/methods-video.md): in-LLM merging then pruning to a FLOPs target.
+"""FrameFusion (methods/framefusion.py): in-LLM merging then pruning to a FLOPs target.
 
-The references never call methods/framefusion.py: tests/framefusion_reference.py restates the merge
+The references never call methods/framefusion.py: tests/reference/framefusion.py restates the merge
 and budget rules with loops in float64, and runs the whole prefill on the stock eager model (every
 token stays in the sequence at its original position; merged-away and pruned tokens are masked,
 merged heads get their states through hooks).
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import methods
+from harness.data.video import preprocess, read_frames
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods import decoder
-from methods.flops import LLMShape, retention_numbers
+from methods.core import decoder
+from methods.core.flops import LLMShape, retention_numbers
 from methods.framefusion import FrameFusion, merge_step, removal_share
-from tests.framefusion_reference import (
+from tests.reference.framefusion import (
     reference_merge_step,
     reference_prefill,
     reference_removal_share,
@@ -89,12 +89,12 @@ def test_bad_knobs_are_rejected(knobs, message):
 
 
 def test_retention_sets_cost_directly(cfg_factory):
-    from harness.run import choose_method
+    from tests.helpers import choice_of
 
-    choice = choose_method(cfg_factory("+method=framefusion", "retention=0.4"))
+    choice = choice_of(cfg_factory("+method=framefusion", "retention=0.4"))
     assert choice.knobs == {"cost": 0.4, "sim_floor": 0.6, "merge_floor": 0.1}
     assert choice.target_retention is None and choice.label == "r=0.4,sim_floor=0.6,merge_floor=0.1"
-    choice = choose_method(cfg_factory("+method=framefusion", "method.cost=0.5", "method.sim_floor=0.8"))
+    choice = choice_of(cfg_factory("+method=framefusion", "method.cost=0.5", "method.sim_floor=0.8"))
     assert choice.knobs == {"cost": 0.5, "sim_floor": 0.8, "merge_floor": 0.1}
     assert FrameFusion().prefill_policy(TINY).planned(784) is None  # data-dependent: no calibration
 
@@ -331,6 +331,7 @@ def test_unreachable_cost_is_an_error_naming_the_floor(adapter):
         run_policy(adapter, embeds, positions, span, compressor)
 
 
+@pytest.mark.slow
 def test_cached_decoding_matches_the_uncached_stock_reference(adapter, eager):
     """With generated tokens appended, the stock reference reruns everything uncached (the same
     merges and pruning: the video states do not see later tokens, pruning asks the last prompt
@@ -356,10 +357,11 @@ def test_cached_decoding_matches_the_uncached_stock_reference(adapter, eager):
         text + v + 5 for v in ref.attention]
 
 
+@pytest.mark.slow
 def test_end_to_end_generation_through_the_adapter(cfg_factory, adapter, clip):
-    from harness.run import choose_method
+    from tests.helpers import choice_of
 
-    compressor = choose_method(cfg_factory("+method=framefusion", "retention=0.3")).build()
+    compressor = choice_of(cfg_factory("+method=framefusion", "retention=0.3")).compressor
     assert compressor.cost == 0.3
     text, run = adapter.generate(clip(8), QUESTION, compressor, max_new_tokens=4)
     assert_cost_met(0.3, 8 * 196, run.text_tokens, run.layer_video_tokens, run.layer_mlp_video_tokens)

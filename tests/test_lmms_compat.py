@@ -12,7 +12,7 @@ import pytest
 from harness.lmms_compat import is_mean, leaf_tasks, score_one, task_config
 
 REPO = Path(__file__).resolve().parent.parent
-TASKS = REPO / "harness" / "tasks"
+TASKS = REPO / "harness" / "data" / "lmms_tasks"
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def smoke_task(manager, smoke_questions):
     return dict(leaf_tasks(get_task_dict([spec], manager)))["vtc_smoke_mc"]
 
 
+@pytest.mark.slow
 def test_score_one_applies_the_task_filters_then_process_results(smoke_task):
     doc = smoke_task.eval_docs[0]
     assert len(smoke_task._filters) >= 1 and hasattr(smoke_task._filters[0], "apply")  # the private API
@@ -43,6 +44,7 @@ def test_task_config_is_the_raw_yaml(manager):
     assert config["dataset_path"] == "json" and config["output_type"] == "generate_until"
 
 
+@pytest.mark.slow
 def test_leaf_tasks_unpacks_groups(manager, smoke_questions, tmp_path, monkeypatch):
     from lmms_eval.tasks import TaskManager, get_task_dict
 
@@ -64,7 +66,7 @@ def test_is_mean_recognises_the_registered_mean_only(smoke_task):
     assert not is_mean(statistics.median) and not is_mean(None)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_lmms_eval_cli_builds_the_vtc_model(tiny_model_dir, smoke_questions, tmp_path):
     """`python -m lmms_eval --model vtc --model_args pretrained=...,method=...,knob=...` runs the
     harness's model and writes its per-sample records."""
@@ -86,7 +88,7 @@ def test_lmms_eval_cli_builds_the_vtc_model(tiny_model_dir, smoke_questions, tmp
 
 
 def test_cli_rejects_pipelines_and_missing_paths():
-    from harness.lmms_model import VTCModel
+    from harness.run.requests import VTCModel
 
     with pytest.raises(ValueError, match="needs pretrained="):
         VTCModel.create_from_arg_string("method=uniform")
@@ -94,15 +96,16 @@ def test_cli_rejects_pipelines_and_missing_paths():
         VTCModel.create_from_arg_string("pretrained=x,method=pipeline")
 
 
+@pytest.mark.slow
 def test_logged_samples_carry_their_documents(cfg_factory):
     """`logged_doc` reads the document lmms_eval logs with each sample: a run broken down by a
     document field (task.breakdown) counts every sample under its field's value."""
     from harness.errors import ConfigError
-    from harness.run import run
+    from tests.helpers import run_config
 
-    run_dir = run(cfg_factory("task.limit=4", "task.breakdown=kind"))
+    run_dir = run_config(cfg_factory("task.limit=4", "task.breakdown=kind"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["score_by"]) <= {"colour", "direction"}
     assert sum(part["n"] for part in summary["score_by"].values()) == 4
     with pytest.raises(ConfigError, match="task.breakdown=nope: document 0 of vtc_smoke_mc has no field 'nope'"):
-        run(cfg_factory("task.limit=4", "task.breakdown=nope"))
+        run_config(cfg_factory("task.limit=4", "task.breakdown=nope"))

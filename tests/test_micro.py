@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 def default_command(*args, results, cache):

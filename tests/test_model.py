@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as nnf
 
 import methods
+from harness.data.video import preprocess, read_frames, uniform_indices
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames, uniform_indices
-from methods.base import VisualInput
+from methods.core.base import VisualInput
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import methods
 from harness.models.base import ModelLoadError
 from harness.models.llava_onevision import LlavaOneVision
 from harness.models.random_weights import random_model_dir
-from methods import decoder
+from methods.core import decoder
 
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 SMALL = {  # real structure, small widths; tied embeddings and bf16 as the 0.5B checkpoint
@@ -37,7 +37,7 @@ def bf16(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pixels(smoke_questions, bf16):
-    from harness.video import read_frames
+    from harness.data.video import read_frames
 
     return bf16.preprocessing.apply(read_frames(smoke_questions.parent / "videos" / "clip_006.mp4", 3))
 

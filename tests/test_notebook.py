@@ -7,15 +7,14 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from harness.run import run
-from tests.conftest import REPO
+from tests.helpers import REPO, run_config
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 def test_results_notebook_runs_on_smoke_results(cfg_factory, tmp_path):
     for overrides in (["task.limit=3"], ["+method=uniform", "retention=0.25", "task.limit=3"]):
-        run(cfg_factory(*overrides, "task.breakdown=kind"))
+        run_config(cfg_factory(*overrides, "task.breakdown=kind"))
     nb = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
     os.environ["VTC_RESULTS"] = str(tmp_path / "results")
     try:

@@ -1,6 +1,6 @@
-"""PyramidDrop (shared/spec/methods-video.md): staged in-LLM dropping, its KV cache, FLOPs matching.
+"""PyramidDrop (methods/pdrop.py): staged in-LLM dropping, its KV cache, FLOPs matching.
 
-The references never call methods/pdrop.py: tests/pdrop_reference.py runs the stock eager model
+The references never call methods/pdrop.py: tests/reference/pdrop.py runs the stock eager model
 with the drops as attention masks at original positions and ranks with its eager attention
 weights; counts are exact rational arithmetic.
 """
@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import methods
-from harness.calibrate import TOLERANCE, CalibrationSet, bisect_knob, mean_measure
+from harness.data.video import preprocess, read_frames
 from harness.errors import ConfigError
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods import decoder
+from harness.run.calibrate import TOLERANCE, CalibrationSet, bisect_knob, mean_measure
+from methods.core import decoder
+from methods.core.flops import LLMShape, retention_numbers
 from methods.fastv import PruneByLastToken
-from methods.flops import LLMShape, retention_numbers
 from methods.pdrop import PyramidDrop, default_layers, pyramid_counts
-from tests.pdrop_reference import reference_counts, reference_layers, reference_prefill
+from tests.reference.pdrop import reference_counts, reference_layers, reference_prefill
 
 LAYERS = 8  # decoder layers of the tiny smoke model
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
@@ -59,10 +59,10 @@ def stock(eager):
 @pytest.mark.parametrize("knobs, message", [
     ({"lambda_": 0.0}, r"pdrop.lambda_=0.0: expected a value in \(0.0, 1.0\]"),
     ({"lambda_": 1.5}, "pdrop.lambda_=1.5"), ({"lambda_": "half"}, "pdrop.lambda_='half'"),
-    ({"layers": [0, 2, 4]}, r"pdrop.layers=0: expected an integer in \[1"),
-    ({"layers": [2, 2.5]}, "pdrop.layers=2.5: expected an integer"),
+    ({"layers": [0, 2, 4]}, r"pdrop.layers=\[0, 2, 4\]: expected a list of layer indices >= 1"),
+    ({"layers": [2, 2.5]}, r"pdrop.layers=\[2, 2.5\]: expected a list of layer indices"),
     ({"layers": [4, 2, 6]}, r"pdrop.layers=\[4, 2, 6\]: expected increasing"),
-    ({"layers": []}, r"pdrop.layers=\[\]: expected increasing"),
+    ({"layers": []}, r"pdrop.layers=\[\]: expected a list of layer indices"),
     ({"layers": "2,4"}, "pdrop.layers='2,4': expected a list"),
 ])
 def test_bad_knobs_are_rejected(knobs, message):
@@ -71,7 +71,7 @@ def test_bad_knobs_are_rejected(knobs, message):
 
 
 def test_layers_at_or_beyond_the_depth_are_an_error():
-    with pytest.raises(ValueError, match=r"pdrop.layers=\[2, 4, 8\]: expected layers < 8"):
+    with pytest.raises(ValueError, match=r"pdrop.layers=8: expected a layer in \[1, 7\]"):
         PyramidDrop(layers=[2, 4, 8]).prefill_policy(LLMShape(64, 128, 8))
     with pytest.raises(ValueError, match="at least 4 layers"):
         PyramidDrop().prefill_policy(LLMShape(64, 128, 3))
@@ -154,6 +154,7 @@ def test_lambda_one_reproduces_the_unpruned_logits(adapter, clip, use_cache):
     assert prompt.run.layer_video_tokens == [4 * 196] * LAYERS
 
 
+@pytest.mark.slow
 def test_cached_decoding_matches_the_uncached_stock_reference(adapter, eager, clip):
     """With generated tokens appended, the reference reruns the whole prompt (same drops: the
     query is still the last prompt token) uncached; every decode step's logits must match."""
@@ -186,7 +187,7 @@ def flops_matched(target, layers, text, video, shape):
     spec = PyramidDrop.retention_knob
     return bisect_knob(lambda v: mean_measure(PyramidDrop(layers=layers).with_knob("lambda_", v),
                                               spec.measure, data, shape),
-                       spec.low, spec.high, target, precision=1e-5, what="pdrop")
+                       *PyramidDrop().knob_range(spec.knob), target, precision=1e-5, what="pdrop")
 
 
 @pytest.mark.parametrize("target, layers, text, video, shape", [
@@ -223,17 +224,19 @@ def test_unreachable_flops_ratio_names_the_reachable_range():
         flops_matched(0.2, None, text, video, shape)
 
 
+@pytest.mark.slow
 def test_retention_target_calibrates_lambda_by_flops(cfg_factory, adapter, clip):
-    from harness.calibrate import calibrate, calibration_set
-    from harness.run import choose_method, load_tasks, prepare_task_data
+    from harness.data.tasks import load_tasks, prepare_task_data
+    from harness.run.calibrate import calibrate, calibration_set
+    from tests.helpers import choice_of, job_of
 
     cfg = cfg_factory("+method=pdrop", "retention=0.5")
-    choice = choose_method(cfg)
+    choice = choice_of(cfg)
     assert choice.target_retention == 0.5 and choice.label == "r=0.5"
-    prepare_task_data(cfg)
-    tasks = load_tasks(cfg)
+    prepare_task_data(job_of(cfg).task)
+    tasks = load_tasks(job_of(cfg).task)
     size = cfg.task.calibration_size
-    result = calibrate(choice.build(), 0.5, adapter, tasks, frames=cfg.model.frames, size=size, identity={})
+    result = calibrate(choice.compressor, 0.5, adapter, tasks, frames=cfg.model.frames, size=size, identity={})
     lengths = calibration_set(adapter, tasks, size, cfg.model.frames, False, False).text_tokens
     video, lam = cfg.model.frames * 196, result["knobs"]["lambda_"]
     c1, c2, c3 = reference_counts(lam, video)
@@ -243,21 +246,21 @@ def test_retention_target_calibrates_lambda_by_flops(cfg_factory, adapter, clip)
     assert result["achieved_on_calibration"] == pytest.approx(sum(per_doc) / len(per_doc), abs=1e-12)
     assert result["achieved_on_calibration"] == pytest.approx(0.5, abs=TOLERANCE / 4)
     # the counts the LLM then processes are the planned ones
-    _, run = adapter.generate(clip(cfg.model.frames), QUESTION, choice.build().with_knob("lambda_", lam), max_new_tokens=2)
+    _, run = adapter.generate(clip(cfg.model.frames), QUESTION, choice.compressor.with_knob("lambda_", lam), max_new_tokens=2)
     assert run.layer_video_tokens == layers
 
     # two of 8 layers see every token: 25 % of the FLOPs at least
     cfg = cfg_factory("+method=pdrop", "retention=0.2")
     with pytest.raises(ConfigError, match=r"retention=0.2: unreachable.*reaches 2\d\.\d\d%-100.00%"):
-        calibrate(choose_method(cfg).build(), 0.2, adapter, tasks, frames=cfg.model.frames, size=size,
+        calibrate(choice_of(cfg).compressor, 0.2, adapter, tasks, frames=cfg.model.frames, size=size,
                   identity={})
 
 
 def test_label_names_layers_and_lambda(cfg_factory):
-    from harness.run import choose_method
+    from tests.helpers import choice_of
 
-    choice = choose_method(cfg_factory("+method=pdrop", "method.lambda_=0.25", "method.layers=[2,4,6]"))
+    choice = choice_of(cfg_factory("+method=pdrop", "method.lambda_=0.25", "method.layers=[2,4,6]"))
     assert choice.knobs == {"layers": [2, 4, 6], "lambda_": 0.25}
     assert choice.label == "layers=2/4/6,lambda_=0.25"  # '/' keeps run ids free of brackets
-    assert choose_method(cfg_factory("+method=pdrop")).knobs == {"layers": None, "lambda_": 0.5}
+    assert choice_of(cfg_factory("+method=pdrop")).knobs == {"layers": None, "lambda_": 0.5}
 

@@ -1,4 +1,4 @@
-"""Stacked methods (methods/pipeline.py) and the declared stage interface (methods/base.py)."""
+"""Stacked methods (methods/pipeline.py) and the declared stage interface (methods/core/base.py)."""
 
 from dataclasses import dataclass
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import methods
+from harness.data.video import preprocess, read_frames
 from harness.errors import ConfigError
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods import decoder
-from methods.base import Compressor
+from methods.core import decoder
+from methods.core.base import Compressor
+from methods.core.flops import LLMShape, retention_numbers
 from methods.fastv import FastV
-from methods.flops import LLMShape, retention_numbers
 from methods.pipeline import Pipeline
 from methods.uniform import Uniform
 
@@ -80,18 +80,20 @@ def test_retention_tunes_the_last_tunable_part_measured_on_the_whole_stack():
     assert stack.parts[1].keep == 0.5  # with_knob copies
 
 
+@pytest.mark.slow
 def test_stack_calibration_reaches_the_flops_target(cfg_factory, adapter):
-    from harness.calibrate import TOLERANCE, calibrate, calibration_set
-    from harness.run import choose_method, load_tasks, prepare_task_data
+    from harness.data.tasks import load_tasks, prepare_task_data
+    from harness.run.calibrate import TOLERANCE, calibrate, calibration_set
+    from tests.helpers import choice_of, job_of
 
     cfg = cfg_factory("+method=pipeline", "method.stages=[uniform,fastv]", "+method.uniform.retention=0.5",
                       "retention=0.15", "task.limit=4")
-    choice = choose_method(cfg)
+    choice = choice_of(cfg)
     assert choice.title == "uniform+fastv" and choice.label == "r=0.5; r=0.15"
     assert choice.knobs["uniform"]["retention"] == 0.5 and choice.target_retention == 0.15
-    prepare_task_data(cfg)
-    tasks = load_tasks(cfg)
-    result = calibrate(choice.build(), 0.15, adapter, tasks, frames=cfg.model.frames, size=4, identity={})
+    prepare_task_data(job_of(cfg).task)
+    tasks = load_tasks(job_of(cfg).task)
+    result = calibrate(choice.compressor, 0.15, adapter, tasks, frames=cfg.model.frames, size=4, identity={})
     keep = result["knobs"]["fastv.keep"]
     achieved = result["achieved_on_calibration"]
     assert achieved == pytest.approx(0.15, abs=TOLERANCE / 4)
@@ -105,7 +107,7 @@ def test_stack_calibration_reaches_the_flops_target(cfg_factory, adapter):
     # a target below what the held parts allow names them, since they bound the stack
     with pytest.raises(ConfigError, match=r"retention=0.9: unreachable on this task; uniform\+fastv "
                                           r"\(rho_flops over fastv.keep, with uniform retention=0.5 held\)"):
-        calibrate(choice.build(), 0.9, adapter, tasks, frames=cfg.model.frames, size=4, identity={})
+        calibrate(choice.compressor, 0.9, adapter, tasks, frames=cfg.model.frames, size=4, identity={})
 
 
 def test_declared_stages_must_match_the_hooks():

@@ -1,6 +1,6 @@
-"""PLLaVA pooling (shared/spec/methods-video.md) against its literal restatement and the spec's function.
+"""PLLaVA pooling (methods/pllava.py) against its literal restatement and adaptive_avg_pool3d.
 
-tests/pllava_reference.py averages every adaptive window with Python loops in float64; the method
+tests/reference/pllava.py averages every adaptive window with Python loops in float64; the method
 pools separably with LLaVA's 2-D kernel and then over time, so the two agree up to round-off.
 """
 
@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as nnf
 
 import methods
+from harness.data.video import preprocess, read_frames
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods.base import VisualInput
+from methods.core.base import VisualInput
 from methods.pllava import pllava_pool, pooling_shape
-from tests.pllava_reference import (
+from tests.reference.pllava import (
     reference_grid,
     reference_pllava,
     reference_shape,
@@ -213,11 +213,12 @@ def test_the_model_sees_the_pooled_tokens_at_consecutive_positions(adapter, pixe
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_runs_in_the_harness(cfg_factory):
-    from harness.run import run
-    from harness.rundir import read_samples
+    from harness.run.rundir import read_samples
+    from tests.helpers import run_config
 
-    run_dir = run(cfg_factory("+method=pllava", "retention=0.25", "task.limit=2"))
+    run_dir = run_config(cfg_factory("+method=pllava", "retention=0.25", "task.limit=2"))
     records = read_samples(run_dir / "samples.jsonl")
     assert len(records) == 2 and all(r["status"] == "ok" for r in records)
     assert all(r["retention"]["rho_tok"] == pytest.approx(49 / 196) for r in records)

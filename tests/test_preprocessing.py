@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from harness.data.video import VideoError, preprocess, read_frames, uniform_indices
 from harness.models.base import ModelLoadError
 from harness.models.llava_onevision import Preprocessing
-from harness.video import VideoError, preprocess, read_frames, uniform_indices
-from tests.conftest import write_natural_video
+from tests.helpers import write_natural_video
 
 TOLERANCE = 1e-6  # max abs difference after normalisation (float32 rounding of the fused affine)
 
@@ -28,7 +28,8 @@ TOLERANCE = 1e-6  # max abs difference after normalisation (float32 rounding of 
 def processor_steps(frames: np.ndarray, config: dict) -> torch.Tensor:
     """The processor's steps, read from its class defaults overridden by the checkpoint config."""
     from transformers.models.llava_onevision.video_processing_llava_onevision import (
-        LlavaOnevisionVideoProcessor as Stock)
+        LlavaOnevisionVideoProcessor as Stock,
+    )
 
     get = lambda key: config.get(key, getattr(Stock, key))  # noqa: E731
     assert get("resample") == 3 and get("do_resize") and get("do_rescale") and get("do_normalize")

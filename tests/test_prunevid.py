@@ -1,6 +1,6 @@
 """PruneVid (methods/prunevid.py) against the official code restated literally and the stock model.
 
-Visual stage: equality with tests/prunevid_reference.py (float64 loops, official order, then the
+Visual stage: equality with tests/reference/prunevid.py (float64 loops, official order, then the
 harness's position order) on fixed-seed videos whose decisions float32 cannot flip, edge cases,
 exact counts, golden values. Prefill stage: the kept set is each group's top int(size * llm_keep)
 of a literal recomputation of the official score (no RoPE, no causal mask, max over heads then
@@ -20,15 +20,26 @@ import pytest
 import torch
 
 import methods
-from harness.calibrate import TOLERANCE
+from harness.data.video import preprocess, read_frames
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods import decoder
-from methods.flops import LLMShape
-from methods.prunevid import (PruneVid, PruneVidPrefill, frame_segments, keep_per_group,
-                              prunevid_compress, question_scores, refine_labels, scaled_layer)
-from tests.prunevid_reference import (reference_keep, reference_prunevid, refine_clusters,
-                                      segment_lengths)
+from harness.run.calibrate import TOLERANCE
+from methods.core import decoder
+from methods.core.flops import LLMShape
+from methods.prunevid import (
+    PruneVid,
+    PruneVidPrefill,
+    frame_segments,
+    keep_per_group,
+    prunevid_compress,
+    question_scores,
+    refine_labels,
+)
+from tests.reference.prunevid import (
+    reference_keep,
+    reference_prunevid,
+    refine_clusters,
+    segment_lengths,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "prunevid_golden.pt"
 SAFE = 1e-5  # decisions at least this far (relative) from flipping: float32 cannot flip them
@@ -98,6 +109,7 @@ def test_matches_literal_reference(frames, per_frame, dim):
     assert checked == 2, "too few inputs with safe margins"
 
 
+@pytest.mark.slow
 def test_reference_inputs_exercise_every_branch():
     """The fixed-seed videos above have several segments, static and dynamic sets on both sides of
     the 14-token threshold (otherwise the equality tests would not test them)."""
@@ -295,9 +307,9 @@ def test_bad_knobs_are_rejected(knobs, message):
 
 
 def test_default_layer_is_the_official_one_scaled():
-    assert scaled_layer(28) == 10 and scaled_layer(8) == 3 and scaled_layer(3) == 1
+    assert [LLMShape(0, 0, d).scaled_layer(10, highest=d - 2) for d in (28, 8, 3)] == [10, 3, 1]
     assert PruneVid().prefill_policy(LLMShape(64, 128, 28)).layers == (11,)
-    with pytest.raises(ValueError, match="prunevid.llm_layer=7: expected a layer below 7"):
+    with pytest.raises(ValueError, match=r"prunevid.llm_layer=7: expected a layer in \[0, 6\]"):
         PruneVid(llm_layer=7).prefill_policy(LLMShape(64, 128, 8))
 
 
@@ -484,21 +496,23 @@ def test_original_positions_reach_every_layer(adapter, pixels):
 
 
 @pytest.mark.parametrize("target, knobs", [(0.25, {"tau": 1.0}), (0.05, {})])
+@pytest.mark.slow
 def test_retention_target_calibrates_cluster_ratio(cfg_factory, adapter, target, knobs):
     """`+method=prunevid retention=r`: the mean rho_tok (video tokens at the first pruned layer over
     F*N) on the calibration set is within the harness's window, equals what the method's own
     counts give per document, and what a real prefill counts. On the smoke task the tiny model's
     frames are almost entirely static at tau = 0.8, so 0.25 needs tau = 1 (no static merging)."""
-    from harness.calibrate import calibrate, calibration_set
-    from harness.run import choose_method, load_tasks, prepare_task_data
+    from harness.data.tasks import load_tasks, prepare_task_data
+    from harness.run.calibrate import calibrate, calibration_set
+    from tests.helpers import choice_of, job_of
 
     cfg = cfg_factory("+method=prunevid", f"retention={target}", *[f"method.{k}={v}" for k, v in knobs.items()])
-    choice = choose_method(cfg)
+    choice = choice_of(cfg)
     assert choice.target_retention == target
-    prepare_task_data(cfg)
-    tasks = load_tasks(cfg)
+    prepare_task_data(job_of(cfg).task)
+    tasks = load_tasks(job_of(cfg).task)
     size = cfg.task.calibration_size
-    result = calibrate(choice.build(), target, adapter, tasks, frames=cfg.model.frames, size=size, identity={})
+    result = calibrate(choice.compressor, target, adapter, tasks, frames=cfg.model.frames, size=size, identity={})
     assert result["achieved_on_calibration"] == pytest.approx(target, abs=TOLERANCE)
     tuned = PruneVid(cluster_ratio=result["knobs"]["cluster_ratio"], **knobs)
     data = calibration_set(adapter, tasks, size, cfg.model.frames, True, frozenset())
@@ -512,17 +526,19 @@ def test_retention_target_calibrates_cluster_ratio(cfg_factory, adapter, target,
     assert prompt.run.video_tokens_out / full == pytest.approx(kept[0], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_unreachable_retention_names_the_reachable_range(cfg_factory, adapter):
     """At the official tau = 0.8 the smoke videos are nearly all static: even cluster_ratio = 1
     keeps a few percent after llm_keep = 0.4, and retention=0.25 is a clear error."""
-    from harness.calibrate import calibrate
+    from harness.data.tasks import load_tasks, prepare_task_data
     from harness.errors import ConfigError
-    from harness.run import choose_method, load_tasks, prepare_task_data
+    from harness.run.calibrate import calibrate
+    from tests.helpers import choice_of, job_of
 
     cfg = cfg_factory("+method=prunevid", "retention=0.25")
-    prepare_task_data(cfg)
+    prepare_task_data(job_of(cfg).task)
     with pytest.raises(ConfigError, match=r"retention=0.25: unreachable.*reaches 0.00%-\d\.\d\d%"):
-        calibrate(choose_method(cfg).build(), 0.25, adapter, load_tasks(cfg), frames=cfg.model.frames,
+        calibrate(choice_of(cfg).compressor, 0.25, adapter, load_tasks(job_of(cfg).task), frames=cfg.model.frames,
                   size=cfg.task.calibration_size, identity={})
 
 
@@ -534,7 +550,7 @@ def pixels_of(adapter, tasks, frames):
 
 
 def test_label_names_cluster_ratio_and_llm_keep(cfg_factory):
-    from harness.run import choose_method
+    from tests.helpers import choice_of
 
-    choice = choose_method(cfg_factory("+method=prunevid", "method.cluster_ratio=0.3"))
+    choice = choice_of(cfg_factory("+method=prunevid", "method.cluster_ratio=0.3"))
     assert choice.knobs["cluster_ratio"] == 0.3 and choice.label == "cluster_ratio=0.3,llm_keep=0.4"

@@ -17,9 +17,9 @@ import methods
 from harness.models import adapter_class
 from harness.models.llava_onevision import LlavaOneVision
 from harness.models.random_weights import random_model_dir
-from tests.conftest import CONF
+from tests.helpers import CONF
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 FRAMES = 2
 QUESTION = "What colour is the moving square?\nA. red\nB. green\nC. blue\nD. white"

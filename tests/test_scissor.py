@@ -1,6 +1,6 @@
-"""methods/scissor.py against the spec (shared/spec/scissor.md) and its literal restatement.
+"""methods/scissor.py against the method as its docstring states it and its literal restatement.
 
-The literal implementation (tests/scissor_reference.py) runs in float64. In float64 both sides
+The literal implementation (tests/reference/scissor.py) runs in float64. In float64 both sides
 make the same graph decisions unless a similarity lies within ~1e-15 of tau; in float32 the
 implementation may flip a decision that lies within ~1e-6, so the float32 comparisons use inputs
 whose float64 decisions are at least SAFE away from flipping.
@@ -22,7 +22,7 @@ from methods.scissor import (
     scissor_compress,
     semantic_connected_components,
 )
-from tests.scissor_reference import (
+from tests.reference.scissor import (
     reference_code_style_scissor,
     reference_scc,
     reference_scissor,

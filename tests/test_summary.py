@@ -3,7 +3,12 @@
 import pytest
 
 from harness.errors import ConfigError
-from harness.summary import agreement, bootstrap_ci, live_score_mismatches, to_100
+from harness.report.summary import (
+    agreement,
+    bootstrap_ci,
+    live_score_mismatches,
+    to_100,
+)
 
 
 def test_scores_are_normalised_and_a_wrong_scale_fails_loudly():

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from harness import synthetic_data as synth
-from harness.video import uniform_indices
+from harness.data import synthetic as synth
+from harness.data.video import uniform_indices
 
 
 def colour_mask(frame: np.ndarray, rgb) -> np.ndarray:
@@ -96,7 +96,7 @@ def test_data_of_another_generator_version_is_written_anew(tmp_path, monkeypatch
 
 
 def test_the_task_asks_what_the_model_was_trained_on(tmp_path):
-    from harness.tasks.vtc_synthetic.utils import doc_to_text, process_results
+    from harness.data.lmms_tasks.vtc_synthetic.utils import doc_to_text, process_results
 
     rows = [json.loads(line) for line in synth.generate(tmp_path / "data", clips=8).read_text().splitlines()]
     for row in rows:
@@ -119,16 +119,17 @@ def test_the_codec_round_trip_keeps_the_colours_and_is_the_same_every_time():
         assert all(np.array_equal(synth.round_trip(c), b) for c, b in zip(clips, back))
 
 
+@pytest.mark.slow
 def test_the_trainer_is_deterministic_for_a_seed(monkeypatch):
     """Two trainings of a shortened recipe give the same weights bit for bit (the full recipe is
     the same code with more steps)."""
     import torch
 
-    from harness import train_micro
-    from tests.conftest import make_cfg
+    from harness.train import micro as train_micro
+    from tests.helpers import job_of, make_cfg
 
-    cfg = make_cfg("model=micro", "task=synthetic", results_dir="/unused", cache_dir="/unused")
-    _, arch, recipe = train_micro.recipe_of(cfg.model)
+    model = job_of(make_cfg("model=micro", "task=synthetic", results_dir="/unused", cache_dir="/unused")).model
+    arch, recipe = model.arch, model.train
     monkeypatch.setattr(train_micro, "VALIDATION_CLIPS", 8)  # validation does not train
     recipe["vision"]["steps"] = 4
     recipe["language"].update(lr=2e-3, warmup=2)
@@ -165,7 +166,7 @@ def _set_stage(key, value):
     (lambda r: r["vision"].pop("lr"), "missing field 'lr'"),
 ])
 def test_recipe_errors_name_the_field(edit, message):
-    from harness.train_micro import check_recipe
+    from harness.train.micro import check_recipe
 
     check_recipe(RECIPE)  # the unedited recipe is valid
     bad = json.loads(json.dumps(RECIPE))

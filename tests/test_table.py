@@ -4,8 +4,8 @@ failed cells, the per-kind breakdown columns and panels, and the setup notes."""
 import pandas as pd
 import pytest
 
-from harness.plots import accuracy_vs_retention, runs_frame
-from harness.table import MISSING, footnotes, frame, paper_table
+from harness.report.plots import accuracy_vs_retention
+from harness.report.tables import MISSING, footnotes, paper_table, runs_frame
 
 
 def summary(method, label, score, rho, *, task="Synthetic-MC", by=None, failed=0, model="micro",
@@ -28,7 +28,7 @@ RUNS = [
 
 
 def test_rows_none_first_then_by_retention_with_deltas_to_none():
-    table = paper_table(frame(RUNS))
+    table = paper_table(runs_frame(RUNS))
     assert list(table["Method"]) == ["none", "uniform (r=0.5)", "divprune (r=0.1)", "uniform (r=0.1)"]
     row = table.set_index("Method").loc["uniform (r=0.5)"]
     assert row["Synthetic-MC"] == "75.0 (-24.0)"
@@ -38,7 +38,7 @@ def test_rows_none_first_then_by_retention_with_deltas_to_none():
 
 
 def test_breakdown_columns_follow_their_benchmark_and_stay_out_of_the_average():
-    table = paper_table(frame(RUNS))
+    table = paper_table(runs_frame(RUNS))
     assert list(table.columns) == ["Family", "Model", "Method", "Retention", "FLOPs", "Synthetic-MC",
                                    "Synthetic-MC: flash", "Synthetic-MC: small", "Avg.", "Agree"]
     # Avg. is over whole benchmarks only: with one benchmark it is that benchmark's score
@@ -47,19 +47,19 @@ def test_breakdown_columns_follow_their_benchmark_and_stay_out_of_the_average():
 
 def test_failed_samples_are_starred_and_missing_cells_are_dashes():
     runs = RUNS + [summary("none", "", 70.0, 1.0, task="Smoke-MC", caveats=("SMOKE: random model",))]
-    table = paper_table(frame(runs)).set_index("Method")
+    table = paper_table(runs_frame(runs)).set_index("Method")
     assert table.loc["divprune (r=0.1)", "Synthetic-MC"] == "80.0 (-19.0)*"
     assert table.loc["divprune (r=0.1)", "Smoke-MC"] == MISSING  # not run there
     assert table.loc["divprune (r=0.1)", "Avg."] == MISSING  # an average over a missing benchmark
 
 
 def test_setup_notes_name_what_the_scores_are():
-    notes = footnotes(frame(RUNS + [summary("none", "", 25.0, 1.0, task="Smoke-MC", model="tiny",
+    notes = footnotes(runs_frame(RUNS + [summary("none", "", 25.0, 1.0, task="Smoke-MC", model="tiny",
                                             caveats=("SMOKE: random model",))]))
     assert any("Setup: synthetic task, trained micro model" in n for n in notes)
     assert any(n.startswith("SMOKE setup") for n in notes)
     assert any("question type (task.breakdown)" in n for n in notes)
-    assert not any("task.breakdown" in n for n in footnotes(frame([summary("none", "", 99.0, 1.0)])))
+    assert not any("task.breakdown" in n for n in footnotes(runs_frame([summary("none", "", 99.0, 1.0)])))
 
 
 def test_plots_draw_one_panel_per_kind():
@@ -79,6 +79,6 @@ def test_plots_draw_one_panel_per_kind():
 
 
 def test_a_summary_without_breakdown_is_one_column():
-    df = frame([summary("none", "", 99.0, 1.0), summary("uniform", "r=0.5", 70.0, 0.5)])
+    df = runs_frame([summary("none", "", 99.0, 1.0), summary("uniform", "r=0.5", 70.0, 0.5)])
     assert isinstance(df, pd.DataFrame) and df["whole"].all()
     assert "Synthetic-MC: flash" not in paper_table(df).columns

@@ -1,12 +1,12 @@
-"""Attention-score top-k: the scores are the encoder's real attention, the selection follows the spec."""
+"""Attention-score top-k: the scores are the encoder's real attention, the selection is as documented."""
 
 import pytest
 import torch
 
 import methods
 from harness.models.llava_onevision import LlavaOneVision
-from methods.base import VisualInput
-from methods.select import top_k_ascending
+from methods.core.base import VisualInput
+from methods.core.select import top_k_ascending
 from methods.topk import pooled_scores
 
 

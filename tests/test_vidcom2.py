@@ -1,6 +1,6 @@
-"""methods/vidcom2.py against the spec (methods-video.md, "VidCom2") and its literal restatement.
+"""methods/vidcom2.py against the method as its docstring states it and its literal restatement.
 
-The literal reference (tests/vidcom2_reference.py) is plain Python in double precision. float64
+The literal reference (tests/reference/vidcom2.py) is plain Python in double precision. float64
 input makes the implementation decide in float64 too: the same decisions unless one lies within
 ~1e-13; float32 comparisons use inputs whose decisions are at least SAFE away from flipping.
 """
@@ -13,11 +13,17 @@ import pytest
 import torch
 
 import methods
+from harness.data.video import preprocess, read_frames
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods.base import VisualInput
-from methods.vidcom2 import VidCom2, frame_budgets, gaussian_scores, vidcom2_compress, vidcom2_keep
-from tests.vidcom2_reference import official_style_vidcom2, reference_vidcom2
+from methods.core.base import VisualInput
+from methods.vidcom2 import (
+    VidCom2,
+    frame_budgets,
+    gaussian_scores,
+    vidcom2_compress,
+    vidcom2_keep,
+)
+from tests.reference.vidcom2 import official_style_vidcom2, reference_vidcom2
 
 SAFE = 1e-5
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
@@ -280,10 +286,11 @@ def test_full_retention_on_one_frame_reproduces_none_s_logits(adapter, smoke_que
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_runs_in_the_harness(cfg_factory):
-    from harness.run import run
+    from tests.helpers import run_config
 
-    run_dir = run(cfg_factory("+method=vidcom2", "retention=0.25", "task.limit=2"))
+    run_dir = run_config(cfg_factory("+method=vidcom2", "retention=0.25", "task.limit=2"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "vidcom2" and summary["knobs"] == {"retention": 0.25}
     assert 0.2 < summary["retention"]["rho_tok"]["mean"] < 0.3

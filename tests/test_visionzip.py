@@ -1,6 +1,6 @@
-"""VisionZip (shared/spec/methods-video.md) against its literal restatement, by hand, and through the model.
+"""VisionZip (methods/visionzip.py) against its literal restatement, by hand, and through the model.
 
-tests/visionzip_reference.py works per frame and per token with Python loops in float64, from the
+tests/reference/visionzip.py works per frame and per token with Python loops in float64, from the
 encoder's per-patch scores and keys (its own bilinear resize). The method makes its decisions in
 float32, so random inputs are compared only where the reference's decision margins are at least
 SAFE (a float32 flip is impossible there); the rest is exact hand-made cases.
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import methods
+from harness.data.video import preprocess, read_frames
 from harness.models.llava_onevision import LlavaOneVision
-from harness.video import preprocess, read_frames
-from methods.base import VisualInput
+from methods.core.base import VisualInput
 from methods.visionzip import token_split, visionzip_compress
-from tests.visionzip_reference import (
+from tests.reference.visionzip import (
     reference_bilinear,
     reference_split,
     reference_visionzip,
@@ -263,11 +263,12 @@ def test_on_the_encoder_s_own_scores_and_keys(adapter, smoke_questions):
     assert checked >= 2
 
 
+@pytest.mark.slow
 def test_runs_in_the_harness(cfg_factory):
-    from harness.run import run
-    from harness.rundir import read_samples
+    from harness.run.rundir import read_samples
+    from tests.helpers import run_config
 
-    run_dir = run(cfg_factory("+method=visionzip", "retention=0.1", "task.limit=2"))
+    run_dir = run_config(cfg_factory("+method=visionzip", "retention=0.1", "task.limit=2"))
     records = read_samples(run_dir / "samples.jsonl")
     assert len(records) == 2 and all(r["status"] == "ok" for r in records)
     assert all(r["retention"]["rho_tok"] == pytest.approx(20 / 196) for r in records)

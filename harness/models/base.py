@@ -3,7 +3,7 @@ the FLOPs/retention accounting need from a video LLM, and the flow every family 
 
 A family (harness/models/<family>.py) subclasses `VideoLLM` and supplies:
 
-- `family`, `model_class` (the transformers class), `provides` (which of methods.base.VISUAL_NEEDS
+- `family`, `model_class` (the transformers class), `provides` (which of methods.core.base.VISUAL_NEEDS
   its vision side can compute); for random weights `config_from_arch` (its config from conf/model
   `arch`), `OFFLINE_PREPROCESSOR`, and the offline tokenizer's `OFFLINE_SPECIAL_TOKENS` and
   `OFFLINE_CHAT_TEMPLATE`;
@@ -15,7 +15,7 @@ A family (harness/models/<family>.py) subclasses `VideoLLM` and supplies:
 - `embed_video(ids, tokens, encoded, full)`: prompt embeddings with the video span placed, and the
   position ids the family's decoder takes (1-D, or (3, 1, T) for M-RoPE); `tokens_after_video`,
   the tokens it puts in the placeholder's place besides the video tokens (OneVision's newline);
-- `llm`: the narrow decoder handle of methods.decoder (prefill and decode run there, shared);
+- `llm`: the narrow decoder handle of methods.core.decoder (prefill and decode run there, shared);
 - `vision_flops(frames, grid)`: analytic FLOPs of its vision encoder on a video of that many token
   frames of an (h, w) token grid.
 
@@ -37,10 +37,10 @@ from typing import ClassVar
 import torch
 
 from harness.timing import Stopwatch
-from methods import decoder
-from methods.base import Compressor, VideoTokens, VisualInput
-from methods.decoder import LLM
-from methods.flops import LLMShape, first_pruned
+from methods.core import decoder
+from methods.core.base import Compressor, VideoTokens, VisualInput
+from methods.core.decoder import LLM
+from methods.core.flops import LLMShape, first_pruned
 
 
 class ModelLoadError(RuntimeError):
@@ -52,7 +52,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":  # one GPU per process in data-parallel runs
-        from harness.distributed import local_rank
+        from harness.run.distributed import local_rank
 
         return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -215,10 +215,10 @@ class VideoLLM(ABC):
     @classmethod
     def offline_tokenizer(cls):
         """The byte-level tokenizer of the family's embedded and random-weight models (ChatML)."""
-        from harness.models.tokenizer import byte_level_tokenizer
+        from harness.models.tokenizer import chat_tokenizer
 
-        return byte_level_tokenizer(cls.OFFLINE_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>",
-                                    chat_template=cls.OFFLINE_CHAT_TEMPLATE)
+        return chat_tokenizer(cls.OFFLINE_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>",
+                              chat_template=cls.OFFLINE_CHAT_TEMPLATE)
 
     # ---- what a family supplies -------------------------------------------------------------------
     @classmethod
@@ -228,7 +228,7 @@ class VideoLLM(ABC):
 
     @abstractmethod
     def load_video(self, path: str, frames: int):
-        """The encoder's input for the video at `path`, `frames` frames sampled (harness.video)."""
+        """The encoder's input for the video at `path`, `frames` frames sampled (harness.data.video)."""
 
     @abstractmethod
     def video_tokens(self, path: str, frames: int) -> int:
@@ -245,7 +245,7 @@ class VideoLLM(ABC):
     @property
     @abstractmethod
     def llm(self) -> LLM:
-        """The decoder handle methods/decoder.py drives (embeddings, layers, rotary, norm, head)."""
+        """The decoder handle methods/core/decoder.py drives (embeddings, layers, rotary, norm, head)."""
 
     @abstractmethod
     def vision_flops(self, frames: int, grid: tuple[int, int]) -> float:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from harness.data.video import preprocess, read_frames
 from harness.models.base import Encoded, ModelLoadError, VideoLLM, preprocessor_config
-from harness.video import preprocess, read_frames
-from methods.base import VideoTokens, VisualInput
-from methods.decoder import LLM
-from methods.flops import encoder_flops
+from methods.core.base import VideoTokens, VisualInput
+from methods.core.decoder import LLM
+from methods.core.flops import encoder_flops
+
 
 @dataclass
 class Preprocessing:
@@ -38,7 +39,8 @@ class Preprocessing:
         takes transformers' LlavaOnevisionVideoProcessor defaults, as the processor would. Settings
         harness/video.py does not implement are an error naming the file and field."""
         from transformers.models.llava_onevision.video_processing_llava_onevision import (
-            LlavaOnevisionVideoProcessor as Stock)
+            LlavaOnevisionVideoProcessor as Stock,
+        )
 
         path, cfg = preprocessor_config(directory)
         setting = {k: cfg.get(k, getattr(Stock, k)) for k in (
@@ -135,7 +137,7 @@ class LlavaOneVision(VideoLLM):
                timings: dict | None = None) -> Encoded:
         """(F, 3, S, S) -> Encoded: VisualInput with (F, N, D) pooled features; extras["newline"].
 
-        needs (methods.base.VISUAL_NEEDS) asks for more: "patch_scores", the attention each encoder
+        needs (methods.core.base.VISUAL_NEEDS) asks for more: "patch_scores", the attention each encoder
         patch receives in the last vision layer whose output the model uses (mean over heads and
         queries) and that layer's keys (mean over heads), recomputed for that one layer from its
         input so the encoder itself keeps its fast attention kernel (the time spent is added to

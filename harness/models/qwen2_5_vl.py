@@ -16,7 +16,7 @@ video_processing_qwen2_vl.py`). For method `none` the logits equal the stock mod
 How the harness's contracts map onto it, and the deviations:
 - Compressed videos: tokens a visual stage returns as `VideoTokens` take the (t, h, w) positions of
   the input tokens they keep, and the text after the video sits where it would uncompressed; LLM-stage
-  methods keep each kept token's positions (methods.decoder). A plain (M, D) output (methods whose
+  methods keep each kept token's positions (methods.core.decoder). A plain (M, D) output (methods whose
   official code renumbers the compressed tokens consecutively) takes consecutive positions on all
   three axes, as Qwen2.5-VL positions text: the M-RoPE counterpart of that renumbering.
 - second_per_grid: temporal_patch_size / the sampled frame rate of the frames the model sees
@@ -38,10 +38,15 @@ from __future__ import annotations
 import torch
 
 from harness.models.base import Encoded, ModelLoadError, VideoLLM, preprocessor_config
-from harness.models.qwen2_5_vl_video import QwenPreprocessing, QwenVideo, load_qwen_video, video_tokens
-from methods.base import VideoTokens, VisualInput
-from methods.decoder import LLM
-from methods.flops import attention_flops, mlp_flops
+from harness.models.qwen2_5_vl_video import (
+    QwenPreprocessing,
+    QwenVideo,
+    load_qwen_video,
+    video_tokens,
+)
+from methods.core.base import VideoTokens, VisualInput
+from methods.core.decoder import LLM
+from methods.core.flops import attention_flops, mlp_flops
 
 # Qwen2.5-VL's chat template (Qwen/Qwen2.5-VL-*-Instruct chat_template.json)
 CHAT_TEMPLATE = (
@@ -187,7 +192,9 @@ class Qwen2_5_VL(VideoLLM):
         attention segment, mean over heads and the segment's queries; (P, head_dim) keys before the
         rotary embedding, mean over heads), float32, in the block's patch order. One segment and
         one head at a time keeps memory at (n, n)."""
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            apply_rotary_pos_emb_vision,
+        )
 
         patches = hidden.shape[0]
         q, k, _ = attn.qkv(hidden).reshape(patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -206,7 +213,7 @@ class Qwen2_5_VL(VideoLLM):
 
     def vision_flops(self, frames: int, grid: tuple[int, int]) -> float:
         """The vision tower on `frames` temporal patches of a (h, w) token grid, in the convention of
-        methods/flops.py: patch embedding, each block's attention over its segments (windows, or the
+        methods/core/flops.py: patch embedding, each block's attention over its segments (windows, or the
         whole temporal patch in full-attention blocks) and its gated MLP (three matrices), the merger."""
         from transformers.vision_utils import get_vision_window_index
 
@@ -228,7 +235,9 @@ class Qwen2_5_VL(VideoLLM):
     @property
     def llm(self) -> LLM:
         """The narrow handle on the Qwen2.5-VL decoder (M-RoPE rotary) that the shared driver runs."""
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            apply_rotary_pos_emb,
+        )
 
         lm = self.model.model.language_model
         return LLM(embed=lm.embed_tokens, layers=lm.layers, rotary=lm.rotary_emb, norm=lm.norm,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
-from harness.video import VideoError, open_video
+from harness.data.video import VideoError, normalize, open_video
 
 # qwen_vl_utils/vision_process.py
 FPS, FRAME_FACTOR, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2.0, 2, 4, 768
@@ -124,9 +124,7 @@ class QwenPreprocessing:
 
     def normalize(self, video: torch.Tensor) -> torch.Tensor:
         """The processor's fused rescale-and-normalise of (F, 3, h, w)."""
-        mean = torch.tensor(self.mean) * (1.0 / self.rescale)
-        std = torch.tensor(self.std) * (1.0 / self.rescale)
-        return (video.to(torch.float32) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        return normalize(video, self.mean, self.std, self.rescale)
 
     def patchify(self, video: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(F, C, h, w) -> ((t*gh*gw, C*tp*p*p) patches, (t, gh, gw)): `Qwen2VLVideoProcessor.patchify`."""

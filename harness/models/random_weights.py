@@ -14,13 +14,12 @@ when they change. Scores of such a model are meaningless; the harness labels the
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from harness.identity import digest
+from harness.files import digest
+from harness.models.model_dir import write_model_dir
 
 MARKER = "RANDOM_WEIGHTS.json"
 
@@ -40,18 +39,9 @@ def random_model_dir(root: str | Path, name: str, arch: dict, seed: int,
         return directory
     tokenizer = adapter.offline_tokenizer()
     config = adapter.config_from_arch(arch, tokenizer)  # a shape the config rejects fails here
-    tmp = directory.with_name(f"{directory.name}.building-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "chat_template.json").write_text(json.dumps({"chat_template": tokenizer.chat_template}))
-    (tmp / "preprocessor_config.json").write_text(json.dumps(adapter.OFFLINE_PREPROCESSOR))
-    (tmp / MARKER).write_text(json.dumps({"seed": seed, "arch": arch, "family": family}, indent=1))
-    try:
-        tmp.rename(directory)
-    except OSError:  # another process finished first: its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return write_model_dir(directory, weights=config, tokenizer=tokenizer,
+                           preprocessor=adapter.OFFLINE_PREPROCESSOR, marker=MARKER,
+                           stamp={"seed": seed, "arch": arch, "family": family})
 
 
 def random_seed(directory: Path) -> int | None:

@@ -2,7 +2,7 @@
 
     python tests/golden/make_fastvid_golden.py
 
-The expected output comes from the literal float64 implementation (tests/fastvid_reference.py),
+The expected output comes from the literal float64 implementation (tests/reference/fastvid.py),
 not from methods/fastvid.py, so the golden test checks the spec and the official code's choices
 as well as regressions. The input has scenes of several lengths, so the output holds salient
 tokens, single-frame anchors and multi-frame segments with two anchor frames; the density noise
@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.fastvid_reference import reference_fastvid
+from tests.reference.fastvid import reference_fastvid
 
 FRAMES, PER_FRAME, DIM = 9, 49, 16
 KNOBS = dict(retention=0.3, segments=3, seg_tau=0.5, context_share=0.4, anchor_every=2,

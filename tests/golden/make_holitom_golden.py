@@ -2,7 +2,7 @@
 
     python tests/golden/make_holitom_golden.py
 
-The expected outputs come from the literal float64 reference (tests/holitom_reference.py), not
+The expected outputs come from the literal float64 reference (tests/reference/holitom.py), not
 from methods/holitom.py, so the golden test checks the spec and the official loops as well as
 regressions. Visual stage: 6 frames of a 5x5 grid with still and moving positions and a scene cut,
 contextual (dominant_share 0.5) and static clustering on, seeded DPC noise. Inner merge: 40 states,
@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.holitom_reference import reference_inner_merge, reference_visual
+from tests.reference.holitom import reference_inner_merge, reference_visual
 
 FRAMES, N, DIM, SEED = 6, 25, 16, 0
 KNOBS = {"retention": 0.3, "tau": 0.8, "beta": 0.6, "dominant_share": 0.5, "knn": 7}

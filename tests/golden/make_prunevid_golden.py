@@ -3,7 +3,7 @@ per-group LLM selection on fixed scores.
 
     python tests/golden/make_prunevid_golden.py
 
-The expected values come from the literal float64 implementation (tests/prunevid_reference.py),
+The expected values come from the literal float64 implementation (tests/reference/prunevid.py),
 not from methods/prunevid.py, so the golden test checks the official algorithm as well as
 regressions. The input is stored as float16 (exact in float32) to keep the file small.
 """
@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.prunevid_reference import reference_keep, reference_prunevid
+from tests.reference.prunevid import reference_keep, reference_prunevid
 
 FRAMES, PER_FRAME, DIM, SEED = 12, 196, 16, 0
 SEGMENT_RATIO, TAU, CLUSTER_RATIO, LLM_KEEP = 0.25, 0.8, 0.5, 0.4

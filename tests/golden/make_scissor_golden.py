@@ -2,7 +2,7 @@
 
     python tests/golden/make_scissor_golden.py
 
-The expected output comes from the literal float64 implementation (tests/scissor_reference.py),
+The expected output comes from the literal float64 implementation (tests/reference/scissor.py),
 not from methods/scissor.py, so the golden test checks the spec as well as regressions. The
 input is stored as float16 (exact in float32) to keep the file a few KB.
 """
@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.scissor_reference import reference_scissor
+from tests.reference.scissor import reference_scissor
 
 FRAMES, PER_FRAME, DIM, TAU, EPSILON = 4, 49, 16, 0.8, 0.05
 

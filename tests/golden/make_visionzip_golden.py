@@ -2,7 +2,7 @@
 
     python tests/golden/make_visionzip_golden.py
 
-The expected output comes from the literal float64 implementation (tests/visionzip_reference.py),
+The expected output comes from the literal float64 implementation (tests/reference/visionzip.py),
 not from methods/visionzip.py, so the golden test checks the spec as well as regressions. The
 inputs are stored as float16 (exact in float32) to keep the file small.
 """
@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.visionzip_reference import reference_visionzip
+from tests.reference.visionzip import reference_visionzip
 
 FRAMES, DIM, CHANNELS, RETENTION = 3, 8, 4, 0.1  # k = 20 per frame: 17 dominant + 3 contextual
 

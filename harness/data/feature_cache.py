@@ -1,0 +1,75 @@
+"""On-disk cache of pooled vision features, so sweeping a compressor's knob skips the encoder.
+
+An entry is keyed by the model fingerprint (config, weight files, dtype, device type), the video
+file (absolute path, size, modification time), the number of frames, the preprocessing, and
+whether patch attention scores were computed; anything else cannot produce the same features, so
+an entry from a different model or config is never used. An entry holds the VisualInput and the
+family's `Encoded.extras` (OneVision's newline token, Qwen2.5-VL's temporal position step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from harness.data.video import VideoError
+from harness.files import atomic_path, digest
+from harness.models.base import Encoded
+from methods.core.base import VisualInput
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.root = Path(root) / fingerprint[:16]
+        self.fingerprint = fingerprint
+
+    def key(self, video: str, frames: int, preprocessing, needs: frozenset) -> str:
+        st = Path(video).stat()
+        ident = {"model": self.fingerprint, "video": str(Path(video).resolve()), "size": st.st_size,
+                 "mtime": st.st_mtime_ns, "frames": frames, "pre": vars(preprocessing),
+                 "needs": sorted(needs), "version": 2}
+        return digest(ident)
+
+    def load(self, key: str, device) -> Encoded | None:
+        path = self.root / f"{key}.pt"
+        if not path.is_file():
+            return None
+        entry = torch.load(path, map_location=device, weights_only=True)
+        patch_grid = entry.get("patch_grid")
+        visual = VisualInput(entry["features"], tuple(entry["grid"]), entry.get("patch_scores"),
+                             entry.get("patch_keys"), entry.get("encoder_hidden"),
+                             tuple(patch_grid) if patch_grid is not None else None)
+        # the encoder did not run; patch scoring is the compressor's work, so its time (measured
+        # when the entry was made) still counts for the method that needs it
+        scoring = float(entry.get("scoring_seconds", 0.0))
+        return Encoded(visual, entry["extras"], {"vision": 0.0, "scoring": scoring}, cached=True)
+
+    def save(self, key: str, encoded: Encoded) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        v = encoded.visual
+        entry = {"features": v.features.cpu(), "grid": list(v.grid),
+                 "extras": {k: t.cpu() for k, t in encoded.extras.items()}}
+        if v.patch_grid is not None:
+            entry["patch_grid"] = list(v.patch_grid)
+        for name in ("patch_scores", "patch_keys", "encoder_hidden"):
+            if getattr(v, name) is not None:
+                entry[name] = getattr(v, name).cpu()
+        if v.patch_scores is not None:
+            entry["scoring_seconds"] = torch.tensor(encoded.timings.get("scoring", 0.0))
+        with atomic_path(self.root / f"{key}.pt") as tmp:  # readers never see half an entry
+            torch.save(entry, tmp)
+
+
+def encode_file(adapter, path: str, frames: int, needs: frozenset,
+                cache: FeatureCache | None) -> Encoded:
+    """The encoded video at `path`: from the cache when it holds it, else read, encoded, stored."""
+    if not Path(path).is_file():
+        raise VideoError(f"video file not found: {path}")
+    key = cache.key(path, frames, adapter.preprocessing, needs) if cache is not None else None
+    encoded = cache.load(key, adapter.device) if key else None
+    if encoded is None:
+        encoded = adapter.encode_video(adapter.load_video(path, frames), needs)
+        if key:
+            cache.save(key, encoded)
+    return encoded

@@ -1,0 +1,230 @@
+"""From lmms_eval's results and the per-sample records to a run summary and its one-line form."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import ConfigError
+from harness.lmms_compat import is_mean
+from harness.run.rundir import RunDir
+
+TIMINGS = ("vision", "compressor", "prefill", "decode", "ttft")
+
+
+def to_100(value: float, scale: float, where: str) -> float:
+    """A native metric value on 0-100; a value outside [0, scale] means the scale is wrong."""
+    if not isinstance(value, (int, float)) or not 0 <= value <= scale * (1 + 1e-9):
+        raise ConfigError(f"{where}={value!r}: expected a number in [0, {scale:g}] (task.scale); "
+                          "the task's metric scale is misconfigured")
+    return 100.0 * value / scale
+
+
+def metric_value(results: dict, task: str, metric: str) -> tuple[str, float]:
+    """lmms_eval's aggregated value of `metric` for `task` (the key is 'metric,filter')."""
+    per_task = results["results"].get(task, {})
+    keys = [k for k in per_task if k.split(",")[0] == metric and "stderr" not in k]
+    if not keys:
+        available = sorted({k.split(",")[0] for k in per_task if "stderr" not in k and "," in k})
+        raise ConfigError(f"task.metric={metric}: lmms_eval reported no such metric for {task} "
+                          f"(it reported {', '.join(available) or 'nothing'})")
+    return keys[0], per_task[keys[0]]
+
+
+def bootstrap_ci(values, statistic=None, iters: int = 1000, seed: int = 0) -> list[float] | None:
+    """95 % percentile bootstrap interval of `statistic` (default: the mean) over samples.
+
+    `statistic` takes a list of per-sample values; for benchmarks whose per-sample metric is a
+    record (VideoMME, MLVU, ...) it is the task's own lmms_eval aggregation.
+    """
+    if len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(values), size=(iters, len(values)))
+    if statistic is None:
+        stats = np.asarray(values, dtype=float)[draws].mean(1)
+    else:
+        from loguru import logger  # lmms_eval's aggregations log every call
+
+        logger.disable("lmms_eval")
+        try:
+            stats = np.array([statistic([values[i] for i in draw]) for draw in draws])
+        finally:
+            logger.enable("lmms_eval")
+    return [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
+
+
+def score_ci(task, seed: int, task_obj, key: str, per_sample: list) -> list[float] | None:
+    """The score's 95 % CI on 0-100, bootstrapping the task's own lmms_eval aggregation over the
+    per-sample records (a plain mean for scalar metrics aggregated by their mean)."""
+    where = f"{task.lmms_task}.{key}"
+    aggregate = task_obj.aggregation().get(task.metric) if task_obj is not None else None
+    scalar = all(isinstance(v, (int, float)) for v in per_sample)
+    if scalar and (aggregate is None or is_mean(aggregate)):
+        return bootstrap_ci([to_100(float(v), task.scale, where) for v in per_sample],
+                            seed=seed)
+    if aggregate is None:
+        return None
+    if "args" in inspect.signature(aggregate).parameters:  # aggregations that may write files
+        aggregate = functools.partial(aggregate, args=None)
+    try:
+        return bootstrap_ci(per_sample, lambda vs: to_100(aggregate(vs), task.scale, where),
+                            seed=seed)
+    except (AttributeError, TypeError) as err:  # it needs lmms_eval's CLI arguments: no CI
+        print(f"note: no confidence interval for {where}: its aggregation cannot be re-run "
+              f"outside lmms_eval ({type(err).__name__}: {err})", file=sys.stderr)
+        return None
+
+
+def _stats(values) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "median": statistics.median(values),
+            "min": min(values), "max": max(values)}
+
+
+def agreement(records: list[dict], reference: list[dict]) -> float | None:
+    """Share of samples whose answer equals the reference run's answer on the same sample."""
+    ref = {r["key"]: r.get("prediction") for r in reference if r.get("status") == "ok"}
+    pairs = [(r.get("prediction"), ref[r["key"]]) for r in records
+             if r.get("status") == "ok" and r["key"] in ref and r.get("request") == "generate_until"]
+    if not pairs:
+        return None
+    return sum(a.strip() == b.strip() for a, b in pairs) / len(pairs)
+
+
+def live_score_mismatches(records: list[dict], logged: list[dict], metric: str) -> list:
+    """Doc ids whose score written at completion differs from lmms_eval's own final scoring."""
+    live = {r["doc_id"]: r["score"] for r in records if r.get("score") is not None}
+    return sorted(s["doc_id"] for s in logged if s["doc_id"] in live
+                  and isinstance(s.get(metric), (int, float)) and abs(live[s["doc_id"]] - s[metric]) > 1e-9)
+
+
+def caveats(model, task) -> list[str]:
+    """What the scores of this setup are, shown beside them everywhere (summary line, tables,
+    plots): the task's and the model's caveats, and "random weights" for a random_init model."""
+    notes = [task.caveat, model.caveat]
+    if model.random_init and not model.caveat:
+        notes.append("random weights")
+    return [n for n in notes if n]
+
+
+def breakdown(task, seed: int, logged: list[dict]) -> dict | None:
+    """Score, 95 % CI and count per value of the document field `task.breakdown` (e.g. the
+    synthetic task's question kind), from lmms_eval's logged samples; None without a breakdown."""
+    from harness.lmms_compat import logged_doc
+
+    field = task.breakdown
+    if not field:
+        return None
+    groups: dict[str, list[float]] = {}
+    for sample in logged:
+        doc = logged_doc(sample)
+        if field not in doc:
+            raise ConfigError(f"task.breakdown={field}: document {sample['doc_id']} of "
+                              f"{task.lmms_task} has no field {field!r}")
+        value = sample.get(task.metric)
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"task.breakdown={field}: the metric {task.metric} is not a number "
+                              "per sample, so it cannot be broken down by a document field")
+        groups.setdefault(str(doc[field]), []).append(to_100(float(value), task.scale, task.lmms_task))
+    return {group: {"score": statistics.fmean(values), "score_ci95": bootstrap_ci(values, seed=seed),
+                    "n": len(values)} for group, values in groups.items()}
+
+
+def find_reference_run(model, task, results_dir: Path, this: Path) -> Path | None:
+    """The `none` run of the same model, task, frames and limit, if one has finished."""
+    for summary_file in sorted(results_dir.glob("*/summary.json")):
+        if summary_file.parent == this:
+            continue
+        s = json.loads(summary_file.read_text())
+        if (s.get("method") == "none" and s.get("model_path") == model.path
+                and s.get("lmms_task") == task.lmms_task and s.get("frames") == model.frames
+                and s.get("limit") == task.limit):
+            return summary_file.parent
+    return None
+
+
+def summarize(model, task_conf, choice, seed: int, results_dir: Path, knobs: dict, run_dir: RunDir,
+              results: dict, tasks: dict, notes: dict | None = None) -> dict:
+    """The run's summary.json from lmms_eval's results and the per-sample records (model, task_conf:
+    the run's ModelConf and TaskConf; choice: its MethodChoice)."""
+    task = task_conf.lmms_task
+    records = [r for r in run_dir.samples() if r["task"] == task]
+    ok = [r for r in records if r.get("status") == "ok"]
+    key, native = metric_value(results, task, task_conf.metric)
+    logged = results.get("samples", {}).get(task, [])
+    per_sample = [s.get(task_conf.metric) for s in logged]
+    ci = score_ci(task_conf, seed, tasks.get(task), key, per_sample)
+    mismatched = live_score_mismatches(records, logged, task_conf.metric)
+    if mismatched:
+        print(f"warning: {len(mismatched)} per-sample scores written as samples completed differ from "
+              f"lmms_eval's final scoring (doc ids {mismatched[:10]}); the summary uses lmms_eval's",
+              file=sys.stderr)
+    # vision time is only meaningful where the encoder ran (not for features from the cache)
+    timings = {name: _stats([r["timings"].get(name) for r in ok
+                             if not (name == "vision" and r.get("vision_cached"))]) for name in TIMINGS}
+    prefill = sum(r["timings"].get("prefill", 0.0) for r in ok)
+    reference = find_reference_run(model, task_conf, Path(results_dir), run_dir.path)
+    return {
+        "run_id": run_dir.path.name, "task": task_conf.name, "task_label": task_conf.label,
+        "lmms_task": task, "model": model.name, "family": model.family, "model_path": model.path,
+        "caveats": caveats(model, task_conf), "frames": model.frames,
+        "limit": task_conf.limit, "method": choice.title, "knobs": knobs, "label": choice.label,
+        "method_notes": notes or {},
+        "target_retention": choice.target_retention,
+        "metric": key, "metric_native": native, "scale": task_conf.scale, "judge": task_conf.judge,
+        "score": to_100(native, task_conf.scale, f"{task}.{key}"), "score_ci95": ci,
+        "breakdown_field": task_conf.breakdown, "score_by": breakdown(task_conf, seed, logged),
+        "n_samples": len(per_sample) or len(records), "n_failed": len(records) - len(ok),
+        "failed": [{"key": r["key"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
+        "live_score_mismatches": mismatched,
+        "retention": {name: _stats([r["retention"].get(name) for r in ok])
+                      for name in ("rho_tok", "rho_avg", "rho_flops", "rho_visual", "rho_decode_kv")},
+        "timings": timings,
+        # wall time: to the first token (vision, compressor and prefill inside it), then decoding
+        "seconds_per_sample": _stats([r["timings"].get("ttft", 0.0) + r["timings"].get("decode", 0.0)
+                                      for r in ok]),
+        "n_vision_cached": sum(bool(r.get("vision_cached")) for r in ok),
+        "compressor_share_of_prefill": (sum(r["timings"].get("compressor", 0.0) for r in ok) / prefill
+                                        if prefill else None),
+        "agreement_with_none": (1.0 if choice.name == "none" else
+                                agreement(records, RunDir(reference).samples()) if reference else None),
+        "reference_run": reference.name if reference else None,
+        "results_dir": str(run_dir.path),
+    }
+
+
+def summary_line(s: dict) -> str:
+    ret = s["retention"]["rho_tok"]
+    sec = s["seconds_per_sample"]
+    parts = [
+        "".join(f"[{', '.join(s['caveats'])}] " if s.get("caveats") else "") + f"{s['task']}",
+        f"{s['model']}",
+        f"{s['method']}" + (f" {s['label']}" if s["label"] else "")
+        + "".join(f" [{k}: {v}]" for k, v in (s.get("method_notes") or {}).items()),
+        f"retention {100 * ret['mean']:.1f}% (rho_tok, {100 * ret['min']:.1f}-{100 * ret['max']:.1f}; "
+        f"rho_avg {100 * s['retention']['rho_avg']['mean']:.1f}%, "
+        f"FLOPs {100 * s['retention']['rho_flops']['mean']:.1f}%"
+        + (f"; decode KV {100 * s['retention']['rho_decode_kv']['mean']:.1f}%"
+           if s["retention"].get("rho_decode_kv") else "") + ")" if ret else "retention n/a",
+        f"score {s['score']:.1f}" + (f" [{s['score_ci95'][0]:.1f}, {s['score_ci95'][1]:.1f}]"
+                                     if s["score_ci95"] else "")
+        + (" (" + ", ".join(f"{g} {v['score']:.1f}" for g, v in s["score_by"].items()) + ")"
+           if s.get("score_by") else ""),
+        f"{sec['mean']:.3f} s/sample" if sec else "n/a s/sample",
+        (f"compressor {1000 * s['timings']['compressor']['mean']:.2f} ms "
+         f"({100 * s['compressor_share_of_prefill']:.1f}% of prefill)")
+        if s["timings"].get("compressor") and s["compressor_share_of_prefill"] is not None
+        else "compressor n/a",
+        f"{s['n_samples']} samples, {s['n_failed']} failed",
+        f"-> {s['results_dir']}",
+    ]
+    return " | ".join(parts)

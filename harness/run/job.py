@@ -1,0 +1,51 @@
+"""The edge: a composed Hydra config becomes the objects one run is made of.
+
+`job_from_config` is called once per run (`python -m harness`, the bench, tests); everything below
+it receives these typed objects (the model's and task's settings, the method, the run's switches),
+never the Hydra config itself. Every field is checked here, before anything loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from harness.run.config import Config, LoggerConf, ModelConf, TaskConf
+from harness.run.method import MethodChoice, choose_method
+from harness.run.validate import check_config, check_method_family
+
+
+@dataclass
+class Job:
+    """One run as objects."""
+
+    model: ModelConf
+    task: TaskConf
+    method: MethodChoice
+    logger: LoggerConf
+    seed: int
+    results_dir: Path
+    cache_dir: Path
+    feature_cache: bool  # reuse encoded videos across runs (cache_dir/features)
+    run_id: str | None  # None: derived from the settings (harness.run.identity.run_id)
+    resume: bool
+    progress: bool
+    resolved: dict  # the whole resolved config, recorded with the run
+
+
+def job_from_config(cfg: DictConfig) -> Job:
+    """The checked objects of a composed config (ConfigError naming the first bad field)."""
+    if "hydra" in cfg:  # composed with return_hydra_config: Hydra's own node is not the run's
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
+    config: Config = OmegaConf.to_object(cfg)
+    check_config(config.model, config.task, config.seed)
+    method = choose_method(config.method, config.tau, config.retention)
+    check_method_family(method.compressor, config.model.family)
+    return Job(model=config.model, task=config.task, method=method, logger=config.logger,
+               seed=config.seed, results_dir=Path(config.results_dir), cache_dir=Path(config.cache_dir),
+               feature_cache=config.feature_cache, run_id=config.run_id, resume=config.resume,
+               progress=config.progress, resolved=OmegaConf.to_container(cfg, resolve=True))

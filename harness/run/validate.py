@@ -1,0 +1,122 @@
+"""Every config value with a type or a range, checked before anything loads.
+
+Each check raises ConfigError naming the field, what was given and what was expected. Method knobs
+are checked against their declarations when the method is built (harness.run.method); knobs that depend on
+the model (a layer index below the LLM's depth) are checked against the model's config.json here,
+before its weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from harness.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def _int(field: str, value, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        expected = f"an integer >= {low}" + (" or null" if optional else "")
+        raise ConfigError(f"{field}={value!r}: expected {expected}")
+
+
+def check_config(model, task, seed: int) -> None:
+    """The model and task settings (ModelConf, TaskConf) and the seed of a run."""
+    from harness.models import FAMILIES
+
+    if model.family not in FAMILIES:
+        raise ConfigError(f"model.family={model.family!r}: expected one of {', '.join(FAMILIES)}")
+    if model.build_tiny and model.family != "llava_onevision":
+        raise ConfigError(f"model.build_tiny=true builds the embedded LLaVA-OneVision smoke model: "
+                          f"expected model.family=llava_onevision, got {model.family!r} (for a small "
+                          f"{model.family} use model.random_init=true with a small model.arch)")
+    if model.train:
+        if model.family != "llava_onevision" or model.random_init:
+            raise ConfigError("model.train trains the embedded micro LLaVA-OneVision (harness.train_micro): "
+                              f"expected model.family=llava_onevision and model.random_init=false, got "
+                              f"{model.family!r} and {model.random_init}")
+        from harness.train.micro import check_recipe
+
+        try:
+            check_recipe(model.train)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    _int("model.frames", model.frames, 1)
+    _int("model.max_new_tokens", model.max_new_tokens, 1)
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={model.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if not DEVICE.match(str(model.device)):
+        raise ConfigError(f"model.device={model.device!r}: expected auto, cpu, mps, cuda or cuda:N")
+    if model.attn_implementation not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={model.attn_implementation!r}: expected one "
+                          f"of {', '.join(ATTENTION)}")
+    _int("task.limit", task.limit, 1, optional=True)
+    _int("task.calibration_size", task.calibration_size, 1)
+    _int("seed", seed, 0)
+    # tau= and retention= are the method's knobs: harness.run.method checks them under the
+    # method's name (scissor.tau=1.5), before anything loads
+
+
+def check_method_family(compressor, family: str) -> None:
+    """A method that needs vision-side inputs the family's adapter does not compute (e.g. FastVID's
+    SigLIP head on `encoder_hidden`) is not defined for that family: an error before anything loads."""
+    from harness.models import adapter_class
+
+    missing = set(compressor.needs) - adapter_class(family).provides
+    if missing:
+        raise ConfigError(f"method {compressor.title} needs {', '.join(sorted(missing))} from the vision "
+                          f"encoder, which model.family={family} does not provide: the method is not "
+                          f"defined for this family (it provides {', '.join(sorted(adapter_class(family).provides)) or 'none'})")
+
+
+def read_model_config(path: str) -> dict | None:
+    """The model directory's config.json as a dict (None for a hub id not on disk); a file that is
+    not valid JSON is an error naming it and where it breaks."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model.path={path}: {config} is not valid JSON (line {err.lineno}, column "
+                          f"{err.colno}: {err.msg}); expected a Hugging Face model config") from None
+    if not isinstance(data, dict) or not isinstance(text_config(data), dict):
+        raise ConfigError(f"model.path={path}: {config} has no text_config: expected a video LLM's "
+                          "config (model_type llava_onevision or qwen2_5_vl)")
+    return data
+
+
+def text_config(config: dict) -> dict | None:
+    """The LLM's fields of a config.json: its text_config, or the top level of a flat one (the
+    published Qwen2.5-VL checkpoints keep the decoder's fields there)."""
+    if isinstance(config.get("text_config"), dict):
+        return config["text_config"]
+    return config if "num_hidden_layers" in config and "hidden_size" in config else None
+
+
+def check_method_fits(compressor, config: dict | None) -> None:
+    """Build the method's LLM-stage policies for the model's depth (e.g. FastV's K < layers), from
+    config.json alone, so a bad knob stops before the weights load."""
+    if config is None:
+        return
+    from methods.core.flops import LLMShape
+
+    text = text_config(config)
+    try:
+        shape = LLMShape(text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"])
+    except KeyError as err:
+        raise ConfigError(f"the model's config.json has no text_config.{err.args[0]}") from None
+    try:
+        if compressor.has("prefill"):
+            compressor.prefill_policy(shape)
+        if compressor.has("decode"):
+            compressor.decode_policy(shape)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err

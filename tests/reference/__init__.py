@@ -1,0 +1,1 @@
+"""Literal transcriptions of the official code (loops, float64), for the equality tests."""
