@@ -61,6 +61,25 @@ def is_mean(aggregate) -> bool:
 
 
 @contextmanager
+def single_process_view():
+    """lmms_eval's evaluator as if one process ran: it reads RANK/WORLD_SIZE from the environment to
+    shard documents and gather results, and the harness's model shards whole videos across ranks
+    itself and returns every rank's results to each (harness/run/requests.py)."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE="1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def silent_progress():
     """lmms_eval's own progress bars (building requests, postprocessing) switched off: the harness
     shows one bar over samples. They are the module-level `tqdm` of its task and evaluator modules."""

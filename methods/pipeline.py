@@ -90,6 +90,10 @@ class Pipeline(Compressor):
         for part in getattr(self, "parts", []):
             part.seed = value
 
+    @property
+    def shares_prefix(self) -> bool:
+        return all(p.shares_prefix for p in self.parts)
+
     def compress(self, x):
         return self._owner["visual"].compress(x)
 

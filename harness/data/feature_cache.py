@@ -9,6 +9,8 @@ family's `Encoded.extras` (OneVision's newline token, Qwen2.5-VL's temporal posi
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,15 +63,41 @@ class FeatureCache:
             torch.save(entry, tmp)
 
 
-def encode_file(adapter, path: str, frames: int, needs: frozenset,
-                cache: FeatureCache | None) -> Encoded:
-    """The encoded video at `path`: from the cache when it holds it, else read, encoded, stored."""
+@dataclass
+class VideoInput:
+    """A video read for the encoder: its cache entry (`encoded`), or its decoded and preprocessed
+    frames (`pixels`) with the cache key they will be stored under."""
+
+    path: str
+    encoded: Encoded | None = None
+    pixels: object = None
+    key: str | None = None
+    seconds: float = 0.0  # reading it took (decoding and preprocessing, or loading the entry)
+
+
+def read_input(adapter, path: str, frames: int, needs: frozenset, cache: FeatureCache | None) -> VideoInput:
+    """The cached encoding of the video at `path`, else its frames read and preprocessed as the
+    model's processor would (no model runs here: safe in a background thread)."""
+    started = time.perf_counter()
     if not Path(path).is_file():
         raise VideoError(f"video file not found: {path}")
     key = cache.key(path, frames, adapter.preprocessing, needs) if cache is not None else None
     encoded = cache.load(key, adapter.device) if key else None
-    if encoded is None:
-        encoded = adapter.encode_video(adapter.load_video(path, frames), needs)
-        if key:
-            cache.save(key, encoded)
+    pixels = adapter.load_video(path, frames) if encoded is None else None
+    return VideoInput(path, encoded, pixels, key, time.perf_counter() - started)
+
+
+def encode_input(adapter, video: VideoInput, needs: frozenset, cache: FeatureCache | None) -> Encoded:
+    """The encoded video: its cache entry, or its frames through the vision side (then stored)."""
+    if video.encoded is not None:
+        return video.encoded
+    encoded = adapter.encode_video(video.pixels, needs)
+    if video.key is not None:
+        cache.save(video.key, encoded)
     return encoded
+
+
+def encode_file(adapter, path: str, frames: int, needs: frozenset,
+                cache: FeatureCache | None) -> Encoded:
+    """The encoded video at `path`: from the cache when it holds it, else read, encoded, stored."""
+    return encode_input(adapter, read_input(adapter, path, frames, needs, cache), needs, cache)

@@ -299,26 +299,38 @@ class VideoLLM(ABC):
         return encoded
 
     @torch.inference_mode()
-    def prepare(self, video, compressor: Compressor, ids: list[int]) -> Prompt:
-        """Vision encoder (unless `video` is already `Encoded`) + the compressor's visual stage; the
-        LLM's input embeddings, their positions, the video span and the measurements."""
+    def compress(self, video, compressor: Compressor) -> "Compressed":
+        """Vision encoder (unless `video` is already `Encoded`) and the compressor's visual stage:
+        what every question about the video shares (the visual stage does not read the question)."""
+        if isinstance(video, Compressed):
+            return video
         if not isinstance(video, Encoded):
             video = self.encode_video(video, compressor.needs)
         visual = video.visual
-        run = VideoPass(vision_cached=video.cached, frames=visual.features.shape[0], grid=tuple(visual.grid))
-        run.timings["vision"] = video.timings.get("vision", 0.0)
-        run.timings["compressor"] = video.timings.get("scoring", 0.0)
+        timings = {"vision": video.timings.get("vision", 0.0), "compressor": video.timings.get("scoring", 0.0)}
         full = visual.features.shape[0] * visual.features.shape[1]
         if compressor.has("visual"):
-            with self.stopwatch("compressor", run.timings):
+            with self.stopwatch("compressor", timings):
                 tokens = compressor.compress(visual)
         else:  # every token at its own position
             tokens = VideoTokens(visual.features.flatten(0, 1), torch.arange(full, device=visual.features.device))
-        embeds, positions, span = self.embed_video(ids, tokens, video, full)
-        run.video_tokens_in, run.video_tokens_out = full, span[1] - span[0]
+        return Compressed(video, tokens, full, timings)
+
+    def prompt(self, compressed: "Compressed", ids: list[int]) -> Prompt:
+        """The LLM's input embeddings for prompt `ids` around a compressed video, their positions, the
+        video span and the run's measurements so far."""
+        visual = compressed.encoded.visual
+        run = VideoPass(vision_cached=compressed.encoded.cached, frames=visual.features.shape[0],
+                        grid=tuple(visual.grid), timings=dict(compressed.timings))
+        embeds, positions, span = self.embed_video(ids, compressed.tokens, compressed.encoded, compressed.full)
+        run.video_tokens_in, run.video_tokens_out = compressed.full, span[1] - span[0]
         run.text_tokens = embeds.shape[1] - run.video_tokens_out
-        return Prompt(embeds, positions, span, run, getattr(tokens, "groups", None),
-                      video_index(tokens).to(self.device))
+        return Prompt(embeds, positions, span, run, getattr(compressed.tokens, "groups", None),
+                      video_index(compressed.tokens).to(self.device))
+
+    def prepare(self, video, compressor: Compressor, ids: list[int]) -> Prompt:
+        """`compress` then `prompt`."""
+        return self.prompt(self.compress(video, compressor), ids)
 
     def prefill(self, prompt: Prompt, compressor: Compressor, use_cache: bool, logits_to_keep: int = 0):
         """The LLM prefill through the shared driver, with the compressor's prefill policy if any."""
@@ -334,37 +346,92 @@ class VideoLLM(ABC):
         prompt.run.video_tokens_out = first_pruned(out.layer_video_tokens)
         return out
 
+    # ---- a prefix shared by every question about one video --------------------------------------
+    def prefix_length(self, prompt: Prompt) -> int:
+        """Prompt entries up to the end of the video tokens (and what the family puts right after
+        them in the placeholder's place): the part no question changes."""
+        return prompt.span[1] + self.tokens_after_video
+
+    @torch.inference_mode()
+    def shared_prefix(self, compressed: "Compressed", compressor: Compressor, ids: list[int]) -> "SharedPrefix":
+        """The KV cache of [head text + video tokens] of prompt `ids`, computed once; every question
+        whose prompt starts with the same head continues from it (`generate`/`loglikelihood` with
+        `prefix=`). Only for a compressor whose work up to the end of the video does not read the
+        question (`Compressor.shares_prefix`)."""
+        if not compressor.shares_prefix:
+            raise ValueError(f"{compressor.title}'s prefill reads the question: its prefix cannot be shared")
+        prompt = self.prompt(compressed, ids)
+        length = self.prefix_length(prompt)
+        head = Prompt(prompt.embeds[:, :length], prompt.positions[..., :length], prompt.span, prompt.run,
+                      prompt.groups, prompt.video_index)
+        timings: dict = {}
+        with self.stopwatch("prefill", timings):  # a query-free prefill policy acts here, once
+            out = self.prefill(head, compressor, use_cache=True, logits_to_keep=1)
+        return SharedPrefix(out.state, out.state.mark(), length, ids[:ids.index(self.video_token_id)],
+                            timings["prefill"], head.run.layer_video_tokens, head.run.layer_mlp_video_tokens)
+
+    def _continue(self, prefix: "SharedPrefix", prompt: Prompt, logits_to_keep: int):
+        """The rest of `prompt` after the shared prefix, on its cache: (logits, state)."""
+        llm = self.llm
+        logits = decoder.extend(llm, prefix.state, prompt.embeds[:, prefix.length:],
+                                prompt.positions[..., prefix.length:], logits_to_keep=logits_to_keep)
+        prompt.run.layer_video_tokens = list(prefix.layer_video_tokens)
+        prompt.run.layer_mlp_video_tokens = list(prefix.layer_mlp_video_tokens)
+        prompt.run.video_tokens_out = first_pruned(prefix.layer_video_tokens)
+        return logits, prefix.state
+
+    def _prefix_for(self, prefix: "SharedPrefix | None", ids: list[int]) -> "SharedPrefix | None":
+        """`prefix` if prompt `ids` starts with its head, else None (then the whole prompt is run)."""
+        if prefix is None or ids[:ids.index(self.video_token_id)] != prefix.head:
+            return None
+        return prefix
+
+    # ---- answering -------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, video, question: str, compressor: Compressor, max_new_tokens: int,
-                 until: list[str] = ()):
-        """Greedy answer to `question` about the video; returns (text, VideoPass).
+                 until: list[str] = (), prefix: "SharedPrefix | None" = None):
+        """Greedy answer to `question` about the video (pixels, `Encoded` or `Compressed`); returns
+        (text, VideoPass). With `prefix` (from `shared_prefix` of the same compressed video) only
+        the question's part of the prompt is prefilled; the cache is rewound after the answer.
 
-        Timings: vision, compressor, prefill, decode, and ttft (from the call to the first token,
-        the vision encoder included unless the video came encoded)."""
-        ttft = {}
-        with self.stopwatch("ttft", ttft):
-            ids, _ = self.prompt_ids(question)
-            prompt = self.prepare(video, compressor, ids)
+        Timings: vision, compressor, prefill, decode, and ttft (vision + compressor + prefill + the
+        prompt's assembly: the time to the first token of this question)."""
+        compressed = self.compress(video, compressor)
+        ids, _ = self.prompt_ids(question)
+        prefix = self._prefix_for(prefix, ids)
+        before = compressed.timings["vision"] + compressed.timings["compressor"]
+        assembly = {}
+        with self.stopwatch("assembly", assembly):
+            prompt = self.prompt(compressed, ids)
             run, llm = prompt.run, self.llm
             with self.stopwatch("prefill", run.timings):
-                out = self.prefill(prompt, compressor, use_cache=True, logits_to_keep=1)
-                next_id = out.logits[0, -1].argmax()
-        run.timings["ttft"] = ttft["ttft"]
-        policy = compressor.decode_policy(llm.shape) if compressor.has("decode") else None
-        generated = []
-        with self.stopwatch("decode", run.timings):
-            for _ in range(max_new_tokens):
-                token = int(next_id)
-                if token in self.stop_ids:
-                    break
-                generated.append(token)
-                if len(generated) == max_new_tokens or _stops(self.tokenizer.decode(generated), until):
-                    break
-                logits = decoder.decode(llm, out.state, next_id.view(1, 1), policy,
-                                        timer=lambda: self.stopwatch("compressor", run.timings))
-                run.decode_steps += 1
+                if prefix is not None:
+                    logits, state = self._continue(prefix, prompt, logits_to_keep=1)
+                else:
+                    out = self.prefill(prompt, compressor, use_cache=True, logits_to_keep=1)
+                    logits, state = out.logits, out.state
                 next_id = logits[0, -1].argmax()
-        run.decode_video_visible = [float(v) for v in out.state.decode_video_visible]
+        run.timings["ttft"] = before + assembly["assembly"]
+        policy = compressor.decode_policy(llm.shape) if compressor.has("decode") else None
+        stops = StopStrings(self.tokenizer, until)
+        generated = []
+        try:
+            with self.stopwatch("decode", run.timings):
+                for _ in range(max_new_tokens):
+                    token = int(next_id)
+                    if token in self.stop_ids:
+                        break
+                    generated.append(token)
+                    if len(generated) == max_new_tokens or stops.reached(generated):
+                        break
+                    logits = decoder.decode(llm, state, next_id.view(1, 1), policy,
+                                            timer=lambda: self.stopwatch("compressor", run.timings))
+                    run.decode_steps += 1
+                    next_id = logits[0, -1].argmax()
+            run.decode_video_visible = [float(v) for v in state.decode_video_visible]
+        finally:
+            if prefix is not None:
+                prefix.state.rewind(prefix.mark)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         for stop in until:
             if stop and stop in text:
@@ -372,22 +439,69 @@ class VideoLLM(ABC):
         return text, run
 
     @torch.inference_mode()
-    def loglikelihood(self, video, question: str, answer: str, compressor: Compressor):
+    def loglikelihood(self, video, question: str, answer: str, compressor: Compressor,
+                      prefix: "SharedPrefix | None" = None):
         """(sum log p(answer | prompt), whether greedy decoding gives the answer, VideoPass)."""
-        ttft = {}
-        with self.stopwatch("ttft", ttft):
-            ids, n_answer = self.prompt_ids(question, answer)
-            prompt = self.prepare(video, compressor, ids)
+        compressed = self.compress(video, compressor)
+        ids, n_answer = self.prompt_ids(question, answer)
+        prefix = self._prefix_for(prefix, ids)
+        before = compressed.timings["vision"] + compressed.timings["compressor"]
+        assembly = {}
+        with self.stopwatch("assembly", assembly):
+            prompt = self.prompt(compressed, ids)
             with self.stopwatch("prefill", prompt.run.timings):
-                logits = self.prefill(prompt, compressor, use_cache=False).logits[0].float()
-        prompt.run.timings["ttft"] = ttft["ttft"]
+                if prefix is not None:
+                    try:
+                        logits = self._continue(prefix, prompt, logits_to_keep=n_answer + 1)[0][0].float()
+                    finally:
+                        prefix.state.rewind(prefix.mark)
+                else:
+                    logits = self.prefill(prompt, compressor, use_cache=False).logits[0].float()
+        run = prompt.run
+        run.timings["ttft"] = before + assembly["assembly"]
         targets = torch.tensor(ids[-n_answer:], device=logits.device)
         rows = logits[-n_answer - 1:-1].log_softmax(-1)
         logprob = rows.gather(1, targets[:, None]).sum().item()
         greedy = bool((rows.argmax(-1) == targets).all())
-        prompt.run.timings.setdefault("decode", 0.0)
-        return logprob, greedy, prompt.run
+        run.timings.setdefault("decode", 0.0)
+        return logprob, greedy, run
 
 
-def _stops(text: str, until) -> bool:
-    return any(stop and stop in text for stop in until)
+@dataclass
+class Compressed:
+    """A video after the vision side and the compressor's visual stage (`VideoLLM.compress`)."""
+
+    encoded: Encoded
+    tokens: torch.Tensor | VideoTokens  # what enters the LLM
+    full: int  # F'*N: the video tokens without compression
+    timings: dict  # seconds: vision, compressor (the visual stage and patch scoring)
+
+
+@dataclass
+class SharedPrefix:
+    """The cached [head text + video tokens] of one compressed video (`VideoLLM.shared_prefix`)."""
+
+    state: decoder.DecoderState
+    mark: decoder.StateMark  # the state right after the prefix, rewound to after each question
+    length: int  # prompt entries in the prefix
+    head: list[int]  # the prompt ids before the video it was built with
+    seconds: float  # its prefill time
+    layer_video_tokens: list[int]  # what its prefill's layers saw (a query-free policy may prune)
+    layer_mlp_video_tokens: list[int]
+
+
+class StopStrings:
+    """Whether generated text has reached a stop string, decoding only the newest tokens at each
+    step (a stop string that ends at the newest token lies within its last 4 bytes per character,
+    and a byte-level token is at least one byte), not the whole answer again."""
+
+    def __init__(self, tokenizer, until):
+        self.tokenizer = tokenizer
+        self.until = [u for u in until if u]
+        self.window = 4 * max((len(u) for u in self.until), default=0) + 8
+
+    def reached(self, generated: list[int]) -> bool:
+        if not self.until:
+            return False
+        tail = self.tokenizer.decode(generated[-self.window:])
+        return any(stop in tail for stop in self.until)

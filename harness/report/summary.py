@@ -153,9 +153,10 @@ def find_reference_run(model, task, results_dir: Path, this: Path) -> Path | Non
 
 
 def summarize(model, task_conf, choice, seed: int, results_dir: Path, knobs: dict, run_dir: RunDir,
-              results: dict, tasks: dict, notes: dict | None = None) -> dict:
+              results: dict, tasks: dict, notes: dict | None = None, throughput: dict | None = None) -> dict:
     """The run's summary.json from lmms_eval's results and the per-sample records (model, task_conf:
-    the run's ModelConf and TaskConf; choice: its MethodChoice)."""
+    the run's ModelConf and TaskConf; choice: its MethodChoice; throughput: the request loop's, for
+    the samples this invocation computed)."""
     task = task_conf.lmms_task
     records = [r for r in run_dir.samples() if r["task"] == task]
     ok = [r for r in records if r.get("status") == "ok"]
@@ -193,6 +194,7 @@ def summarize(model, task_conf, choice, seed: int, results_dir: Path, knobs: dic
         "seconds_per_sample": _stats([r["timings"].get("ttft", 0.0) + r["timings"].get("decode", 0.0)
                                       for r in ok]),
         "n_vision_cached": sum(bool(r.get("vision_cached")) for r in ok),
+        "throughput": throughput,
         "compressor_share_of_prefill": (sum(r["timings"].get("compressor", 0.0) for r in ok) / prefill
                                         if prefill else None),
         "agreement_with_none": (1.0 if choice.name == "none" else
@@ -220,6 +222,7 @@ def summary_line(s: dict) -> str:
         + (" (" + ", ".join(f"{g} {v['score']:.1f}" for g, v in s["score_by"].items()) + ")"
            if s.get("score_by") else ""),
         f"{sec['mean']:.3f} s/sample" if sec else "n/a s/sample",
+        *([f"{s['throughput']['samples_per_s']:.2f} samples/s"] if s.get("throughput") else []),
         (f"compressor {1000 * s['timings']['compressor']['mean']:.2f} ms "
          f"({100 * s['compressor_share_of_prefill']:.1f}% of prefill)")
         if s["timings"].get("compressor") and s["compressor_share_of_prefill"] is not None

@@ -68,9 +68,17 @@ class LoggerConf:
 
 
 @dataclass
+class EngineConf:
+    group_by_video: bool = True  # answer a video's requests together (one read, encoding, visual stage)
+    share_prefix: bool = True  # prefill [head + video] once per video where the method allows it
+    prefetch: int = 4  # videos read ahead in a background thread (0: in line)
+
+
+@dataclass
 class Config:
     model: ModelConf = field(default_factory=ModelConf)
     task: TaskConf = field(default_factory=TaskConf)
+    engine: EngineConf = field(default_factory=EngineConf)
     method: Dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     logger: LoggerConf = field(default_factory=LoggerConf)
     tau: Optional[float] = None  # Scissor's similarity threshold (top-level shortcut)
@@ -106,6 +114,7 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConf)
     cs.store(group="task", name="task_schema", node=TaskConf)
     cs.store(group="logger", name="logger_schema", node=LoggerConf)
+    cs.store(group="engine", name="engine_schema", node=EngineConf)
     for name in methods.known():
         cs.store(group="method_knobs", name=name, node=method_node(name))
     for sweep in sorted(SWEEPS.glob("*.yaml")):  # +sweep=<file name>, applied at the top level

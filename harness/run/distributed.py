@@ -33,6 +33,15 @@ def barrier() -> None:
     state().wait_for_everyone()
 
 
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order (picklable objects; a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    objects = [None] * state().num_processes
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def main_process_first():
     """Rank 0 runs the block (writing shared files), then the others (finding them done)."""
     return state().main_process_first()

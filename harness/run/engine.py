@@ -60,20 +60,18 @@ class Prefetcher:
         self.keys, self.load, self.depth = list(keys), load, depth
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if depth > 0 else None
         self.futures: dict[Hashable, Future] = {}
-        self.next = 0  # index into keys of the next video to submit
+        self.submitted = 0  # keys[:submitted] have been handed to the pool
+        self.used = 0  # keys[:used] have been asked for (in order)
         self.waited = 0.0
 
-    def _fill(self, upto: int) -> None:
-        while self.pool is not None and self.next < min(len(self.keys), upto):
-            key = self.keys[self.next]
-            if key not in self.futures:
-                self.futures[key] = self.pool.submit(self.load, key)
-            self.next += 1
-
     def get(self, key: Hashable):
-        """The loaded input of `key` (the videos after it start loading, `depth` of them)."""
-        position = self.keys.index(key, max(0, self.next - self.depth - 1)) if key in self.keys else -1
-        self._fill(position + 1 + self.depth)
+        """The loaded input of `key`, the next of `keys` (the `depth` after it start loading)."""
+        if self.used < len(self.keys) and self.keys[self.used] == key:
+            self.used += 1
+        while self.pool is not None and self.submitted < min(len(self.keys), self.used + self.depth):
+            upcoming = self.keys[self.submitted]
+            self.futures.setdefault(upcoming, self.pool.submit(self.load, upcoming))
+            self.submitted += 1
         future = self.futures.pop(key, None)
         started = time.perf_counter()
         try:

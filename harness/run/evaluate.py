@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from harness.data.identity import changed, task_files
 from harness.data.tasks import check_task_requirements, load_tasks, prepare_task_data
-from harness.lmms_compat import silent_progress
+from harness.lmms_compat import silent_progress, single_process_view
 from harness.models.prepare import building, model_directory
 from harness.quiet import log_file, quiet_libraries
 from harness.report.summary import summarize, summary_line
@@ -110,19 +110,20 @@ def run(job: Job) -> Path:
 
     lm = VTCModel(adapter, compressor, run_dir, frames=model.frames, max_new_tokens=model.max_new_tokens,
                   tasks=tasks, metric=task.metric, live_score=task.live_score, progress=job.progress,
-                  feature_cache=features)
-    with silent_progress():
+                  feature_cache=features, engine=job.engine)
+    # lmms_eval would shard documents by rank; the model shards whole videos itself (harness/run/engine.py)
+    with silent_progress(), single_process_view():
         results = evaluator.simple_evaluate(
             model=lm, tasks=list(tasks.values()), limit=task.limit, batch_size=1,
             log_samples=True, bootstrap_iters=0, verbosity="ERROR", random_seed=job.seed,
             distributed_executor_backend="torchrun",
             numpy_random_seed=job.seed, torch_random_seed=job.seed, fewshot_random_seed=job.seed)
     run_dir.close()
-    if results is None:  # a non-zero rank in a distributed run: rank 0 writes the results
+    if rank != 0:  # in a distributed run rank 0 writes the results
         return run_dir.path
     run_dir.write("lmms_eval_results.json", {k: v for k, v in results.items() if k != "samples"})
     summary = summarize(model, task, choice, job.seed, job.results_dir, knobs, run_dir, results, tasks,
-                        compressor.notes())
+                        compressor.notes(), lm.throughput)
     run_dir.write("summary.json", summary)
     make_logger(job.logger, job.results_dir).log_run(job.resolved, summary, run_dir)
     print(summary_line(summary), flush=True)

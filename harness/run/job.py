@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness.run.config import Config, LoggerConf, ModelConf, TaskConf
+from harness.run.config import Config, EngineConf, LoggerConf, ModelConf, TaskConf
 from harness.run.method import MethodChoice, choose_method
 from harness.run.validate import check_config, check_method_family
 
@@ -24,6 +24,7 @@ class Job:
     model: ModelConf
     task: TaskConf
     method: MethodChoice
+    engine: EngineConf
     logger: LoggerConf
     seed: int
     results_dir: Path
@@ -42,10 +43,10 @@ def job_from_config(cfg: DictConfig) -> Job:
         with open_dict(cfg):
             del cfg["hydra"]
     config: Config = OmegaConf.to_object(cfg)
-    check_config(config.model, config.task, config.seed)
+    check_config(config.model, config.task, config.seed, config.engine)
     method = choose_method(config.method, config.tau, config.retention)
     check_method_family(method.compressor, config.model.family)
-    return Job(model=config.model, task=config.task, method=method, logger=config.logger,
+    return Job(model=config.model, task=config.task, method=method, engine=config.engine, logger=config.logger,
                seed=config.seed, results_dir=Path(config.results_dir), cache_dir=Path(config.cache_dir),
                feature_cache=config.feature_cache, run_id=config.run_id, resume=config.resume,
                progress=config.progress, resolved=OmegaConf.to_container(cfg, resolve=True))

@@ -1,14 +1,20 @@
 """The harness model as an lmms_eval model: a video LLM (any family of harness/models) + one compressor.
 
-It answers lmms_eval's requests one sample at a time, writes each sample's record (prediction,
-target, score, retention, timings) the moment it completes, and serves samples already on disk
-from there, which is what makes a re-run resume.
+lmms_eval hands it every request of a task at once. It answers them grouped by video (harness/run/
+engine.py): each video is read ahead in the background, encoded once and compressed once, and when
+the compressor's work up to the end of the video does not read the question, the prompt's prefix
+[head text + video tokens] is prefilled once and every question continues from its KV cache
+(`engine.share_prefix`). Under data parallelism each rank answers whole videos. Each sample's
+record (prediction, target, score, retention, timings) is written the moment it completes, and
+samples already on disk are served from there, which is what makes a re-run resume. Results go
+back to lmms_eval in its own order.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,17 +22,67 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 import methods
-from harness.data.feature_cache import FeatureCache, encode_file
+from harness.data.feature_cache import FeatureCache, encode_input, read_input
 from harness.data.video import VideoError
 from harness.lmms_compat import score_one
-from harness.models.base import Encoded, VideoLLM, VideoPass
+from harness.models.base import Compressed, VideoLLM, VideoPass
+from harness.run import distributed
+from harness.run.config import EngineConf
+from harness.run.engine import Prefetcher, group_by_video, shard
 from harness.run.rundir import RunDir, sample_key
 from methods.core.base import Compressor
 from methods.core.flops import retention_numbers
 
+FAILURES = (VideoError, torch.OutOfMemoryError)  # one sample (or one video's samples) fails, the run goes on
+
 
 class SampleError(RuntimeError):
     """A sample that cannot be run (bad document or media); recorded as failed, the run goes on."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A document whose visual could not be had: its requests fail alone, with this reason."""
+
+    reason: str
+
+
+@dataclass
+class Clock:
+    """Where the request loop's time went (seconds): the loop's wall time, the parts measured inside
+    it, and the video reading done ahead in the background (overlapped with the rest)."""
+
+    samples: int = 0
+    wall: float = 0.0
+    parts: dict = field(default_factory=lambda: dict.fromkeys(
+        ("vision", "compressor", "prefill", "generation", "waiting"), 0.0))
+    video_reading: float = 0.0  # in the background thread when prefetching, else inside the loop
+
+    def add_run(self, timings: dict) -> None:
+        self.samples += 1
+        for part, key in (("vision", "vision"), ("compressor", "compressor"), ("prefill", "prefill"),
+                          ("generation", "decode")):
+            self.parts[part] += timings.get(key, 0.0)
+
+    def merge(self, other: "Clock") -> None:
+        """Another rank's clock: samples add up, the wall time is the slowest rank's."""
+        self.samples += other.samples
+        self.wall = max(self.wall, other.wall)
+        for part, value in other.parts.items():
+            self.parts[part] += value
+        self.video_reading += other.video_reading
+
+    def report(self, prefetched: bool) -> dict | None:
+        """summary.json's `throughput`: samples per second of the loop's wall time, and each part's
+        share of it (summed over ranks, so shares are of rank-seconds)."""
+        if not self.samples or self.wall <= 0:
+            return None
+        shares = {k: v / self.wall for k, v in self.parts.items()}
+        shares["video_reading"] = self.video_reading / self.wall
+        inside = sum(shares.values()) - (shares["video_reading"] if prefetched else 0.0)
+        shares["other"] = max(0.0, 1.0 - inside)
+        return {"samples": self.samples, "wall_s": self.wall, "samples_per_s": self.samples / self.wall,
+                "shares": shares, "video_reading_overlapped": prefetched}
 
 
 class VTCModel(lmms):
@@ -34,14 +90,16 @@ class VTCModel(lmms):
 
     def __init__(self, adapter: VideoLLM, compressor: Compressor, run_dir: RunDir, *,
                  frames: int, max_new_tokens: int, tasks: dict, metric: str, live_score: bool = True,
-                 progress: bool = True, feature_cache: FeatureCache | None = None):
+                 progress: bool = True, feature_cache: FeatureCache | None = None,
+                 engine: EngineConf | None = None):
         super().__init__()
         self.adapter, self.compressor, self.run_dir = adapter, compressor, run_dir
         self.frames, self.max_new_tokens = frames, max_new_tokens
         self.tasks, self.metric, self.live_score, self.progress = tasks, metric, live_score, progress
         self.done = run_dir.completed()
         self.feature_cache = feature_cache
-        self._last_video: tuple[str, Encoded] | None = None  # several requests of one document
+        self.engine = engine or EngineConf()
+        self.clock = Clock()
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VTCModel":
@@ -93,20 +151,9 @@ class VTCModel(lmms):
     def device(self):  # lmms_eval's collectives place their tensors here
         return self.adapter.device
 
-    # ---- media ----------------------------------------------------------------------------------
-    def _video(self, visuals) -> Encoded:
-        """The encoded video of a document: from memory, from the feature cache, or computed."""
-        visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
-        if len(visuals) != 1 or not isinstance(visuals[0], str):
-            raise SampleError(f"expected exactly one video path from doc_to_visual, got "
-                              f"{[type(v).__name__ for v in visuals]}")
-        path = visuals[0]
-        if self._last_video is not None and self._last_video[0] == path:
-            return replace(self._last_video[1], timings={}, cached=True)
-        encoded = encode_file(self.adapter, path, self.frames, self.compressor.needs,
-                              self.feature_cache)
-        self._last_video = (path, encoded)
-        return encoded
+    @property
+    def throughput(self) -> dict | None:
+        return self.clock.report(prefetched=self.engine.prefetch > 0)
 
     def _measurements(self, run: VideoPass) -> dict:
         visible = run.decode_video_visible
@@ -127,42 +174,99 @@ class VTCModel(lmms):
         }
 
     # ---- the request loop -----------------------------------------------------------------------
-    def _run(self, requests, request_type: str, answer_one):
-        results, scored, score_sum, measured, retention_sum = [], 0, 0.0, 0, 0.0
-        bar = tqdm(requests, desc=f"{request_type} ({self.compressor.title})", disable=not self.progress)
-        for req in bar:
-            context, arg1, doc_to_visual, doc_id, task_name, split = req.args
-            key = sample_key(task_name, doc_id, request_type, req.idx)
-            record = self.done.get(key)
-            if record is None:
-                record = self._answer(req, key, answer_one)
-            results.append(record["result"])
-            if record.get("score") is not None:
-                scored, score_sum = scored + 1, score_sum + record["score"]
-            if record.get("retention"):
-                measured, retention_sum = measured + 1, retention_sum + record["retention"]["rho_tok"]
-            bar.set_postfix(acc=f"{100 * score_sum / scored:.1f}" if scored else "-",
-                            ret=f"{100 * retention_sum / measured:.1f}%" if measured else "-")
-        return [tuple(r) if isinstance(r, list) else r for r in results]
-
-    def _answer(self, req, key, answer_one) -> dict:
+    def _doc(self, req):
         context, arg1, doc_to_visual, doc_id, task_name, split = req.args
-        doc = self.task_dict[task_name][split][doc_id]
-        record = {"key": key, "task": task_name, "doc_id": doc_id, "request": req.request_type}
+        return self.task_dict[task_name][split][doc_id]
+
+    def _video_of(self, req):
+        """The video path a request asks about, or Unreadable (its task function failed on the
+        document: several lmms_eval tasks sys.exit() on a missing video; that is one failed sample)."""
+        doc_to_visual = req.args[2]
+        try:
+            visuals = doc_to_visual(self._doc(req))
+        except (Exception, SystemExit) as err:
+            return Unreadable(f"SampleError: doc_to_visual failed: {type(err).__name__}: {err}")
+        visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+        if len(visuals) != 1 or not isinstance(visuals[0], str):
+            return Unreadable(f"SampleError: expected exactly one video path from doc_to_visual, got "
+                              f"{[type(v).__name__ for v in visuals]}")
+        return visuals[0]
+
+    def _read(self, path: str):
+        return read_input(self.adapter, path, self.frames, self.compressor.needs, self.feature_cache)
+
+    def _run(self, requests, request_type: str, answer_one):
+        keys = [sample_key(req.args[4], req.args[3], request_type, req.idx) for req in requests]
+        todo = [i for i, key in enumerate(keys) if key not in self.done]
+        groups = group_by_video([self._video_of(requests[i]) for i in todo], grouped=self.engine.group_by_video)
+        rank, world_size = distributed.world()
+        mine = shard(groups, rank, world_size)
+        bar = tqdm(total=sum(len(g.requests) for g in mine), desc=f"{request_type} ({self.compressor.title})",
+                   disable=not self.progress)
+        started = time.perf_counter()
+        paths = [g.video for g in mine if isinstance(g.video, str)]
+        with Prefetcher(paths, self._read, self.engine.prefetch) as fetch:
+            for group in mine:
+                members = [todo[j] for j in group.requests]
+                self._answer_group(group.video, [requests[i] for i in members], [keys[i] for i in members],
+                                   fetch, answer_one, bar)
+            self.clock.parts["waiting"] += fetch.waited
+        self.clock.wall += time.perf_counter() - started
+        bar.close()
+        if world_size > 1:  # every rank returns every result to lmms_eval
+            for other, records in distributed.gather((self.clock, {k: self.done[k] for k in keys if k in self.done})):
+                self.done.update(records)
+                if other is not self.clock:
+                    self.clock.merge(other)
+        return [tuple(r) if isinstance(r, list) else r for r in (self.done[k]["result"] for k in keys)]
+
+    def _answer_group(self, video, group: list, keys: list[str], fetch: Prefetcher, answer_one, bar) -> None:
+        """Every request about one video: read and encoded once, compressed once, and its prefix
+        prefilled once when the method allows; each request's timings carry its share of that."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         try:
+            if isinstance(video, Unreadable):
+                raise SampleError(video.reason)
+            loaded = fetch.get(video)
+            self.clock.video_reading += loaded.seconds
+            encoded = encode_input(self.adapter, loaded, self.compressor.needs, self.feature_cache)
+            compressed = self.adapter.compress(encoded, self.compressor)
+        except (*FAILURES, SampleError) as err:
+            for req, key in zip(group, keys):
+                self._record(req, key, failed=err)
+            bar.update(len(group))
+            return
+        share = 1.0 / len(group)  # of the work done once for the whole group
+        compressed = replace(compressed, timings={k: v * share for k, v in compressed.timings.items()})
+        prefix = None
+        for req, key in zip(group, keys):
             try:
-                visuals = doc_to_visual(doc)
-            except (Exception, SystemExit) as err:  # a task function failing on this document;
-                # several lmms_eval tasks (videomme, mlvu, egoschema, activitynetqa) sys.exit() on a
-                # missing video: that is one failed sample, not the end of the run
-                raise SampleError(f"doc_to_visual failed: {type(err).__name__}: {err}") from err
-            result, run, fields = answer_one(self._video(visuals), context, arg1, doc)
-            record.update(status="ok", result=result, **fields, **self._measurements(run))
-        except (VideoError, SampleError, torch.OutOfMemoryError) as err:
-            record.update(status="failed", reason=f"{type(err).__name__}: {err}",
+                if prefix is None and self.engine.share_prefix and self.compressor.shares_prefix:
+                    prefix = self.adapter.shared_prefix(compressed, self.compressor,
+                                                        self.adapter.prompt_ids(req.args[0])[0])
+                result, run, fields = answer_one(compressed, req.args[0], req.args[1], self._doc(req), prefix)
+                if prefix is not None:  # its share of the prefix's prefill
+                    run.timings["prefill"] += prefix.seconds * share
+                    run.timings["ttft"] += prefix.seconds * share
+                self.clock.add_run(run.timings)
+                self._record(req, key, result=result, run=run, fields=fields,
+                             engine={"video_requests": len(group), "shared_prefix": prefix is not None})
+            except (*FAILURES, SampleError) as err:
+                self._record(req, key, failed=err)
+            bar.update()
+
+    def _record(self, req, key: str, failed: Exception | None = None, result=None, run: VideoPass | None = None,
+                fields: dict | None = None, engine: dict | None = None) -> None:
+        """Write one sample's record (and score it, where the task allows it live)."""
+        context, arg1, doc_to_visual, doc_id, task_name, split = req.args
+        doc = self._doc(req)
+        record = {"key": key, "task": task_name, "doc_id": doc_id, "request": req.request_type}
+        if failed is not None:
+            record.update(status="failed", reason=f"{type(failed).__name__}: {failed}",
                           result=self._failed_result(req), prediction=None)
+        else:
+            record.update(status="ok", result=result, **fields, **self._measurements(run), engine=engine)
         task = self.tasks.get(task_name)
         if task is not None:
             record["target"] = task.doc_to_target(doc)
@@ -173,7 +277,6 @@ class VTCModel(lmms):
                 record["score"] = float(value) if isinstance(value, (int, float)) else None
         self.run_dir.append(record)
         self.done[key] = record
-        return record
 
     @staticmethod
     def _failed_result(req):
@@ -181,21 +284,21 @@ class VTCModel(lmms):
         return "" if req.request_type == "generate_until" else [-math.inf, False]
 
     def generate_until(self, requests) -> list[str]:
-        def answer(video, context, gen_kwargs, doc):
+        def answer(video: Compressed, context, gen_kwargs, doc, prefix):
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
-            text, run = self.adapter.generate(video, context, self.compressor, max_new, until)
+            text, run = self.adapter.generate(video, context, self.compressor, max_new, until, prefix=prefix)
             return text, run, {"prediction": text}
 
         return self._run(requests, "generate_until", answer)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        def answer(video, context, doc_to_target, doc):
+        def answer(video: Compressed, context, doc_to_target, doc, prefix):
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            logprob, greedy, run = self.adapter.loglikelihood(video, context, continuation,
-                                                              self.compressor)
+            logprob, greedy, run = self.adapter.loglikelihood(video, context, continuation, self.compressor,
+                                                              prefix=prefix)
             return [logprob, greedy], run, {"prediction": None, "continuation": continuation}
 
         return self._run(requests, "loglikelihood", answer)

@@ -27,8 +27,8 @@ def _int(field: str, value, low: int, optional: bool = False) -> None:
         raise ConfigError(f"{field}={value!r}: expected {expected}")
 
 
-def check_config(model, task, seed: int) -> None:
-    """The model and task settings (ModelConf, TaskConf) and the seed of a run."""
+def check_config(model, task, seed: int, engine=None) -> None:
+    """The model and task settings (ModelConf, TaskConf), the seed and the engine of a run."""
     from harness.models import FAMILIES
 
     if model.family not in FAMILIES:
@@ -60,6 +60,8 @@ def check_config(model, task, seed: int) -> None:
     _int("task.limit", task.limit, 1, optional=True)
     _int("task.calibration_size", task.calibration_size, 1)
     _int("seed", seed, 0)
+    if engine is not None:
+        _int("engine.prefetch", engine.prefetch, 0)
     # tau= and retention= are the method's knobs: harness.run.method checks them under the
     # method's name (scissor.tau=1.5), before anything loads
 

@@ -202,6 +202,9 @@ class Compressor:
     label_knobs: ClassVar[tuple[str, ...] | None] = None  # knobs named in table labels (None: all)
     needs: ClassVar[frozenset[str]] = frozenset()  # extra vision-side inputs (VISUAL_NEEDS)
     composite: ClassVar[bool] = False  # a stack of methods whose stages are its parts' (pipeline)
+    # its prefill stage's decisions read the question (FastV: the last prompt token's attention);
+    # False for a query-free one, whose prefill over [head + video] serves every question of a video
+    prefill_reads_question: ClassVar[bool] = True
     seed: int = 0  # set by the harness; methods that sample draw from a generator seeded by it
 
     _HOOKS = {"visual": "compress", "prefill": "prefill_policy", "decode": "decode_policy"}
@@ -303,6 +306,13 @@ class Compressor:
 
     def has(self, stage: str) -> bool:
         return stage in self.stages
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether its work up to the end of the video tokens is the same for every question about a
+        video (its visual stage never reads the question; its decode stage acts after the prompt),
+        so one prefill of [head + video] serves them all."""
+        return not self.has("prefill") or not self.prefill_reads_question
 
     def knobs(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

@@ -162,6 +162,30 @@ class DecoderState:
     generated: int = 0
     decode_video_visible: list = field(default_factory=list)  # share attended per step (0-d tensors)
 
+    def mark(self) -> "StateMark":
+        """What `rewind` returns to: this state as it is now (e.g. after a shared prefix)."""
+        return StateMark(list(self.layer_origin), self.is_video, self.next_position, self.generated,
+                         [len(origin) for origin in self.layer_origin])
+
+    def rewind(self, mark: "StateMark") -> None:
+        """Back to `mark`: the cache entries added since are cropped from every layer (the prefix's
+        own entries are kept, not copied), the indexes restored, the decode record emptied."""
+        added = len(self.layer_origin[0]) - mark.lengths[0]
+        if added:
+            self.cache.crop(-added)  # every layer grew by the same entries since the mark
+        self.layer_origin, self.is_video = list(mark.layer_origin), mark.is_video
+        self.next_position, self.generated = mark.next_position, mark.generated
+        self.decode_video_visible = []
+
+
+@dataclass(frozen=True)
+class StateMark:
+    layer_origin: list
+    is_video: torch.Tensor
+    next_position: torch.Tensor
+    generated: int
+    lengths: list[int]
+
 
 @dataclass
 class Prefill:
@@ -308,6 +332,38 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
         nxt = (positions.amax() + 1).expand(*positions.shape[:-1], 1).clone()
         state = DecoderState(cache, layer_origin, is_video, nxt)
     return Prefill(logits, state, seq.origin, attention_counts, mlp_counts)
+
+
+# ---- continuing a cached prompt ---------------------------------------------------------------------
+@torch.inference_mode()
+def extend(llm: LLM, state: DecoderState, embeds: torch.Tensor, positions: torch.Tensor,
+           logits_to_keep: int = 0) -> torch.Tensor:
+    """More prompt tokens (embeds (1, s, D) at `positions` (..., s)) through every layer on
+    `state`'s cache: what one prefill of the whole prompt computes for them, in a second part (the
+    shared-prefix engine continues a cached [head + video] prefix with each question). Each layer
+    attends to its own cache, then the new tokens causally; no policy acts (a prefill policy that
+    reads the question cannot share a prefix). Returns their logits (the last `logits_to_keep`)."""
+    _check(llm)
+    hidden = embeds
+    rotary = llm.rotary(hidden, positions)
+    start, count = state.is_video.shape[0], embeds.shape[1]
+    masks: dict = {}
+    for i in range(len(llm.layers)):
+        key = len(state.layer_origin[i])  # layers whose caches hold as many entries share a mask
+        if key not in masks:
+            masks[key] = _mask(llm, hidden, state.cache, i)
+        hidden = _run(llm, i, hidden, masks[key], rotary, state.cache)
+    new = torch.arange(start, start + count, device=embeds.device)
+    grown: dict = {}
+    for i, origin in enumerate(state.layer_origin):
+        if id(origin) not in grown:
+            grown[id(origin)] = torch.cat([origin, new])
+        state.layer_origin[i] = grown[id(origin)]
+    state.is_video = torch.cat([state.is_video, state.is_video.new_zeros(count)])
+    last = (positions.amax() + 1).expand(*positions.shape[:-1], 1)
+    state.next_position = torch.maximum(state.next_position, last)
+    hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+    return llm.head(llm.norm(hidden))
 
 
 # ---- decode ----------------------------------------------------------------------------------------
