@@ -18,7 +18,7 @@ import torch
 from harness.data.video import VideoError
 from harness.files import atomic_path, digest
 from harness.models.base import Encoded
-from methods.core.base import VisualInput
+from methods.core.base import ENCODER_NEEDS, VisualInput
 
 
 class FeatureCache:
@@ -30,7 +30,7 @@ class FeatureCache:
         st = Path(video).stat()
         ident = {"model": self.fingerprint, "video": str(Path(video).resolve()), "size": st.st_size,
                  "mtime": st.st_mtime_ns, "frames": frames, "pre": vars(preprocessing),
-                 "needs": sorted(needs), "version": 2}
+                 "needs": sorted(set(needs) & ENCODER_NEEDS), "version": 2}
         return digest(ident)
 
     def load(self, key: str, device) -> Encoded | None:

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,7 +38,7 @@ import torch
 
 from harness.timing import Stopwatch
 from methods.core import decoder
-from methods.core.base import Compressor, VideoTokens, VisualInput
+from methods.core.base import ENCODER_NEEDS, Compressor, VideoTokens, VisualInput
 from methods.core.decoder import LLM
 from methods.core.flops import LLMShape, first_pruned
 
@@ -280,6 +280,11 @@ class VideoLLM(ABC):
         answer_ids = self.tokenizer(answer, add_special_tokens=False).input_ids
         return ids + answer_ids, len(answer_ids)
 
+    def question_embeddings(self, question: str) -> torch.Tensor:
+        """(q, D) the LLM's input embeddings of the question's own tokens (no chat template)."""
+        ids = self.tokenizer(question, add_special_tokens=False).input_ids
+        return self.model.get_input_embeddings()(torch.tensor(ids, device=self.device))
+
     def text_tokens(self, ids: list[int]) -> int:
         """The prompt's tokens other than video tokens once its placeholder is replaced."""
         return len(ids) - 1 + self.tokens_after_video
@@ -287,7 +292,8 @@ class VideoLLM(ABC):
     @torch.inference_mode()
     def encode_video(self, pixels, needs: frozenset = frozenset()) -> Encoded:
         """The timed vision side of one video (and what `needs` asks for)."""
-        missing = set(needs) - self.provides
+        needs = frozenset(needs) & ENCODER_NEEDS  # the question is the prompt's, not the encoder's
+        missing = needs - self.provides
         if missing:
             raise ValueError(f"the {self.family} vision side does not compute {', '.join(sorted(missing))}")
         timings = {}
@@ -299,14 +305,19 @@ class VideoLLM(ABC):
         return encoded
 
     @torch.inference_mode()
-    def compress(self, video, compressor: Compressor) -> "Compressed":
+    def compress(self, video, compressor: Compressor, question: str | None = None) -> "Compressed":
         """Vision encoder (unless `video` is already `Encoded`) and the compressor's visual stage:
-        what every question about the video shares (the visual stage does not read the question)."""
+        what every question about the video shares, unless the visual stage reads the question
+        (`needs` "question": then `question` is given and its token embeddings reach the stage)."""
         if isinstance(video, Compressed):
             return video
         if not isinstance(video, Encoded):
             video = self.encode_video(video, compressor.needs)
         visual = video.visual
+        if "question" in compressor.needs:
+            if question is None:
+                raise ValueError(f"{compressor.title} reads the question at its visual stage: give it")
+            visual = replace(visual, question=self.question_embeddings(question))
         timings = {"vision": video.timings.get("vision", 0.0), "compressor": video.timings.get("scoring", 0.0)}
         full = visual.features.shape[0] * visual.features.shape[1]
         if compressor.has("visual"):
@@ -396,7 +407,7 @@ class VideoLLM(ABC):
 
         Timings: vision, compressor, prefill, decode, and ttft (vision + compressor + prefill + the
         prompt's assembly: the time to the first token of this question)."""
-        compressed = self.compress(video, compressor)
+        compressed = self.compress(video, compressor, question)
         ids, _ = self.prompt_ids(question)
         prefix = self._prefix_for(prefix, ids)
         before = compressed.timings["vision"] + compressed.timings["compressor"]
@@ -442,7 +453,7 @@ class VideoLLM(ABC):
     def loglikelihood(self, video, question: str, answer: str, compressor: Compressor,
                       prefix: "SharedPrefix | None" = None):
         """(sum log p(answer | prompt), whether greedy decoding gives the answer, VideoPass)."""
-        compressed = self.compress(video, compressor)
+        compressed = self.compress(video, compressor, question)
         ids, n_answer = self.prompt_ids(question, answer)
         prefix = self._prefix_for(prefix, ids)
         before = compressed.timings["vision"] + compressed.timings["compressor"]

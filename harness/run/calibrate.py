@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,7 +68,8 @@ def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: b
         try:
             if need_visual:
                 encoded = encode_file(adapter, path, frames, needs, cache)
-                visual.append(encoded.visual)
+                question = (adapter.question_embeddings(task.doc_to_text(doc)) if "question" in needs else None)
+                visual.append(replace(encoded.visual, question=question))
                 full.append(encoded.visual.features.shape[0] * encoded.visual.features.shape[1])
             else:
                 full.append(adapter.video_tokens(path, frames))

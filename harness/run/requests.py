@@ -231,14 +231,16 @@ class VTCModel(lmms):
             loaded = fetch.get(video)
             self.clock.video_reading += loaded.seconds
             encoded = encode_input(self.adapter, loaded, self.compressor.needs, self.feature_cache)
-            compressed = self.adapter.compress(encoded, self.compressor)
+            # a visual stage that reads the question runs once per question (in answer_one)
+            compressed = (encoded if self.compressor.reads_question_before_llm
+                          else self.adapter.compress(encoded, self.compressor))
         except (*FAILURES, SampleError) as err:
             for req, key in zip(group, keys):
                 self._record(req, key, failed=err)
             bar.update(len(group))
             return
         share = 1.0 / len(group)  # of the work done once for the whole group
-        compressed = replace(compressed, timings={k: v * share for k, v in compressed.timings.items()})
+        compressed = replace(compressed, timings={k: v * share for k, v in compressed.timings.items()})  # Encoded too
         prefix = None
         for req, key in zip(group, keys):
             try:

@@ -70,8 +70,9 @@ def check_method_family(compressor, family: str) -> None:
     """A method that needs vision-side inputs the family's adapter does not compute (e.g. FastVID's
     SigLIP head on `encoder_hidden`) is not defined for that family: an error before anything loads."""
     from harness.models import adapter_class
+    from methods.core.base import ENCODER_NEEDS
 
-    missing = set(compressor.needs) - adapter_class(family).provides
+    missing = set(compressor.needs) & ENCODER_NEEDS - adapter_class(family).provides
     if missing:
         raise ConfigError(f"method {compressor.title} needs {', '.join(sorted(missing))} from the vision "
                           f"encoder, which model.family={family} does not provide: the method is not "

@@ -51,9 +51,13 @@ class VisualInput:
     # (given with "patch_scores")
     encoder_hidden: torch.Tensor | None = None  # (F, H*W, C) what the projector receives ("encoder_hidden")
     patch_grid: tuple[int, int] | None = None  # (H, W) of the patch grid, row-major (None: square)
+    question: torch.Tensor | None = None  # (q, D) the LLM's input embeddings of the question's tokens
+    # ("question": a visual stage that reads the question, e.g. instruction-conditioned selection;
+    # such a method is compressed once per question, not once per video)
 
 
-VISUAL_NEEDS = frozenset({"patch_scores", "encoder_hidden"})
+VISUAL_NEEDS = frozenset({"patch_scores", "encoder_hidden", "question"})
+ENCODER_NEEDS = VISUAL_NEEDS - {"question"}  # what the vision side computes (the question comes from the prompt)
 
 
 @dataclass
@@ -312,7 +316,12 @@ class Compressor:
         """Whether its work up to the end of the video tokens is the same for every question about a
         video (its visual stage never reads the question; its decode stage acts after the prompt),
         so one prefill of [head + video] serves them all."""
-        return not self.has("prefill") or not self.prefill_reads_question
+        return self.reads_question_before_llm is False and (not self.has("prefill") or not self.prefill_reads_question)
+
+    @property
+    def reads_question_before_llm(self) -> bool:
+        """Whether its visual stage reads the question (then it runs once per question)."""
+        return "question" in self.needs
 
     def knobs(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
