@@ -14,8 +14,9 @@ import hydra
 from omegaconf import DictConfig
 
 import harness.run.config  # noqa: F401  (registers the structured schemas, method knobs and sweeps)
-from harness.errors import ConfigError
+from harness.errors import ConfigError, RunFailed
 from harness.models.base import ModelLoadError
+from harness.run.rundir import RunDirBusy
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -29,7 +30,7 @@ def main(cfg: DictConfig):
     try:
         job = job_from_config(cfg)
         path = run(job)
-    except (ConfigError, ModelLoadError) as err:
+    except (ConfigError, ModelLoadError, RunDirBusy, RunFailed) as err:
         message = str(err)
     except Exception as err:  # noqa: BLE001  (every failure becomes one line; the log keeps it all)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -43,7 +43,8 @@ from harness.models.base import VideoLLM
 from methods.core.flops import LLMShape, prefill_flops
 
 DEFAULT_METHODS = ["none", "scissor", "fastv", "topk", "uniform", "pllava", "visionzip", "dycoke", "vidcom2",
-                   "fastvid", "holitom", "prunevid", "divprune", "pdrop", "framefusion"]
+                   "fastvid", "holitom", "prunevid", "divprune", "pdrop", "framefusion", "flashvid", "vispruner",
+                   "cdpruner", "evs", "dart", "sparsevlm", "sttm"]
 DEFAULT_RETENTIONS = [0.25]  # methods named without knobs run at these (--retentions)
 QUESTION = "What colour is the moving square?\nA. red\nB. green\nC. blue\nD. white\nAnswer:"
 
@@ -221,6 +222,7 @@ def compressors_only(specs: list[str], retentions: list[float] | None, shape: tu
     from transformers import Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import (
         Qwen2DecoderLayer,
+        Qwen2RMSNorm,
         Qwen2RotaryEmbedding,
         apply_rotary_pos_emb,
     )
@@ -235,6 +237,8 @@ def compressors_only(specs: list[str], retentions: list[float] | None, shape: tu
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     layer = Qwen2DecoderLayer(config, 0).eval()
+    norm = Qwen2RMSNorm(dim).eval()
+    side = round(tokens ** 0.5)
     text = 64
     n = frames * tokens + text
     hidden = torch.randn(1, n, dim) * 0.02
@@ -258,17 +262,21 @@ def compressors_only(specs: list[str], retentions: list[float] | None, shape: tu
                 if compressor.has("visual"):
                     row["visual ms"] = 1000 * _median_time(lambda: compressor.compress(visual), repeats)
                 if compressor.has("prefill"):
-                    policy_layers = compressor.prefill_policy(llm).layers or (1,)
-                    at = policy_layers[0]
+                    planned = compressor.prefill_policy(llm)
+                    sites = sorted({(at, False) for at in planned.layers}
+                                   | {(at, True) for at in getattr(planned, "mid_layers", ())})
 
                     def act():
+                        # every act of one prefill, each on the whole sequence (an upper bound: the
+                        # sequence a later act sees is shorter)
                         policy = compressor.prefill_policy(llm)
-                        inputs = {at - 1: (layer, hidden, rotary), at: (layer, hidden, rotary)}
-                        view = PrefillView(at, hidden, positions, torch.arange(n), torch.arange(frames * tokens),
-                                           0, torch.arange(frames * tokens, n), False, None,
-                                           torch.arange(frames * tokens), tokens, inputs,
-                                           apply_rotary_pos_emb)
-                        policy.act(view)
+                        for at, mid in sites:
+                            inputs = {max(0, at - 1): (layer, hidden, rotary), at: (layer, hidden, rotary)}
+                            view = PrefillView(at, hidden, positions, torch.arange(n), torch.arange(frames * tokens),
+                                               0, torch.arange(frames * tokens, n), mid, None,
+                                               torch.arange(frames * tokens), tokens, inputs,
+                                               apply_rotary_pos_emb, grid=(side, side), _norm=norm)
+                            policy.act(view)
 
                     row["prefill policy ms"] = 1000 * _median_time(act, repeats)
             own = row.get("visual ms", 0.0) + row.get("prefill policy ms", 0.0)
@@ -314,6 +322,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--features", default=None, help="FxNxD: time each method's own work only")
     args = parser.parse_args(argv)
+    from harness.quiet import quiet_libraries
+
+    quiet_libraries(None)  # no library progress bars or logs between the table's lines
     if args.features:
         shape = tuple(int(x) for x in args.features.lower().split("x"))
         table = compressors_only([m for m in args.methods if m != "none"], args.retentions, shape,

@@ -54,6 +54,9 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     succeeds (if another process finished the same directory first, its copy stays and this one is
     dropped), removed when it fails."""
     directory = Path(directory)
+    for stale in directory.parent.glob(f"{directory.name}.building-*"):  # left by a killed process
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = directory.with_name(f"{directory.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -65,3 +68,16 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` (a string of digits) runs on this machine."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

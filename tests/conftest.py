@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+# OpenMP threads that wait by sleeping, not spinning: with another process busy on the same cores
+# (a subprocess test, a second job on CI) spinning threads slow every small kernel many times over.
+# Set before torch loads (its OpenMP runtime reads it once); subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tests.helpers import CONF, make_cfg
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.helpers import CONF, make_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,10 @@ from harness.models.llava_onevision import LlavaOneVision
 from methods.core import decoder
 from methods.core.base import Compressor, VideoTokens
 from methods.core.decoder import Keep
+from tests.helpers.tolerance import bound, close, close_probabilities
 
 FRAMES = 2
+LAYERS = 8  # decoder layers of the tiny smoke model
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 
 
@@ -88,14 +90,17 @@ def test_kept_original_positions_reach_the_llm_and_decoding(adapter, pixels):
     out = adapter.prefill(prompt, compressor, use_cache=True)
     n = prompt.embeds.shape[1]
     expected = stock_logits(adapter, prompt.embeds, prompt.positions, causal(n))
-    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    # the driver's prefill against the stock forward: attention sums over n keys, in each of
+    # LAYERS layers (tests/helpers/tolerance.py)
+    torch.testing.assert_close(out.logits, expected, **close(torch.float32, n, depth=LAYERS))
     # a decode step continues after the last original position
     token = out.logits[0, -1].argmax().view(1, 1)
     step = decoder.decode(adapter.llm, out.state, token)
     embeds = torch.cat([prompt.embeds, adapter.model.get_input_embeddings()(token)], 1)
     pos = torch.cat([prompt.positions, prompt.positions[:, -1:] + 1], 1)
     expected = stock_logits(adapter, embeds, pos, causal(n + 1))[:, -1:]
-    torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
+    # cached decode against an uncached stock recompute: n + 1 keys, LAYERS layers
+    torch.testing.assert_close(step, expected, **close(torch.float32, n + 1, depth=LAYERS))
 
 
 class HideEveryOther:
@@ -108,7 +113,8 @@ class HideEveryOther:
         self.calls += 1
         attention = view.attention()  # over the layer's cache entries and the new token
         assert attention.ndim == 1 and attention.shape[0] > int(view.video.max()) + 1
-        assert float(attention.sum()) == pytest.approx(1.0, abs=1e-5)
+        # a float32 softmax and its sum, each over the row's entries
+        assert float(attention.sum()) == pytest.approx(1.0, abs=bound(torch.float32, attention.shape[0], depth=2))
         chosen = torch.zeros(len(view.video), dtype=torch.bool)
         chosen[::2] = True
         return chosen
@@ -144,7 +150,8 @@ def test_decode_policy_hides_entries_from_its_layer_on(adapter, pixels, layer):
         finally:
             for h in handles:
                 h.remove()
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        # cached, masked decode against an uncached stock recompute: n keys, LAYERS layers
+        torch.testing.assert_close(logits, expected, **close(torch.float32, n, depth=LAYERS))
         token = logits[0, -1].argmax().view(1, 1)
     assert policy.calls == 3
     assert out.state.decode_video_visible == [0.5] * 3
@@ -171,8 +178,13 @@ def test_step_attention_is_the_eager_attention_row(adapter, pixels):
     embeds = torch.cat([prompt.embeds, adapter.model.get_input_embeddings()(token)], 1)
     with torch.no_grad():
         weights = eager.model(inputs_embeds=embeds, output_attentions=True).attentions
-    torch.testing.assert_close(seen["attention"], weights[3][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(seen["before"], weights[2][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
+    # the decode step's attention row (cache + recomputed row) against the eager full forward's:
+    # softmax rows over n keys after the layers up to and including the one read
+    n = embeds.shape[1]
+    torch.testing.assert_close(seen["attention"], weights[3][0, :, -1].mean(0),
+                               **close_probabilities(torch.float32, n, depth=4))
+    torch.testing.assert_close(seen["before"], weights[2][0, :, -1].mean(0),
+                               **close_probabilities(torch.float32, n, depth=3))
     assert out.state.decode_video_visible == [1.0]
 
 
@@ -214,7 +226,9 @@ def test_prefill_merge_continues_on_the_merged_states_at_original_positions(adap
     h = h[:, kept].clone()
     h[0, start:start + len(merged)] = merged
     expected = stock_logits(adapter, h, kept[None], causal(len(kept)), slice(layer, None))
-    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    # the driver's merged prefill against the stock forward merged by hand: attention sums over at
+    # most the prompt's keys, in each of LAYERS layers
+    torch.testing.assert_close(out.logits, expected, **close(torch.float32, prompt.embeds.shape[1], depth=LAYERS))
     assert out.layer_video_tokens == [end - start] * layer + [(end - start) // 2] * (8 - layer)
     assert out.layer_mlp_video_tokens == out.layer_video_tokens  # an act before a layer: both see it
     assert out.kept.tolist() == kept.tolist()
@@ -254,7 +268,9 @@ def test_mid_layer_drop_runs_the_mlp_on_the_kept_tokens(adapter, pixels, layer, 
         h = lm(inputs_embeds=prompt.embeds, output_hidden_states=True).hidden_states[layer + 1]
     kept = torch.cat([torch.arange(start), torch.arange(start, end, 2), torch.arange(end, h.shape[1])])
     expected = stock_logits(adapter, h[:, kept], kept[None], causal(len(kept)), slice(layer + 1, None))
-    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    # the driver's prefill against the stock forward restarted at the kept rows: attention sums
+    # over at most the prompt's keys, in each of LAYERS layers
+    torch.testing.assert_close(out.logits, expected, **close(torch.float32, prompt.embeds.shape[1], depth=LAYERS))
     # the layer's cache holds every token (its attention saw them), later layers only the kept
     assert [l.keys.shape[-2] for l in out.state.cache.layers] == (
         [prompt.embeds.shape[1]] * (layer + 1) + [len(kept)] * (7 - layer))
@@ -267,7 +283,10 @@ def test_mid_layer_drop_runs_the_mlp_on_the_kept_tokens(adapter, pixels, layer, 
     eager = LlavaOneVision(str(tiny_model_dir), attn_implementation="eager")
     with torch.no_grad():
         weights = eager.model(inputs_embeds=prompt.embeds, output_attentions=True).attentions[layer]
-    torch.testing.assert_close(policy.seen["attention"][0], weights[0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
+    # the driver's recomputed attention row against the eager forward's: softmax rows over the
+    # prompt's keys after layers 0..layer
+    torch.testing.assert_close(policy.seen["attention"][0], weights[0, :, -1].mean(0),
+                               **close_probabilities(torch.float32, prompt.embeds.shape[1], depth=layer + 1))
 
 
 def test_a_policy_may_read_the_attention_of_the_layer_it_precedes(adapter, pixels, tiny_model_dir):
@@ -287,8 +306,13 @@ def test_a_policy_may_read_the_attention_of_the_layer_it_precedes(adapter, pixel
     eager = LlavaOneVision(str(tiny_model_dir), attn_implementation="eager")
     with torch.no_grad():
         weights = eager.model(inputs_embeds=prompt.embeds, output_attentions=True).attentions
-    torch.testing.assert_close(seen["own"][0], weights[3][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(seen["previous"][0], weights[2][0, :, -1].mean(0), rtol=1e-5, atol=1e-7)
+    # the driver's recomputed attention rows against the eager forward's: softmax rows over n keys
+    # after the layers up to and including the one read
+    n = prompt.embeds.shape[1]
+    torch.testing.assert_close(seen["own"][0], weights[3][0, :, -1].mean(0),
+                               **close_probabilities(torch.float32, n, depth=4))
+    torch.testing.assert_close(seen["previous"][0], weights[2][0, :, -1].mean(0),
+                               **close_probabilities(torch.float32, n, depth=3))
     assert out.layer_video_tokens == [FRAMES * 196] * 8  # a policy that keeps everything
 
 
@@ -319,3 +343,160 @@ def test_visual_groups_follow_the_tokens_into_the_policy(adapter, pixels):
     first, second = method.seen
     assert first.tolist() == [i % 7 for i in range(0, FRAMES * 196, 2)]
     assert second.tolist() == first[::3].tolist()  # groups follow the kept tokens
+
+
+# ---- compacted positions, reordered entries, keys and the final norm (STTM, SparseVLM, DART) ------------
+class MergePairsCompact(MergePairs):
+    """MergePairs, then the sequence takes the ids 0..n-1; decode steps as `decode_positions` says."""
+
+    def __init__(self, layer, decode_positions="prompt"):
+        super().__init__(layer)
+        self.decode_positions = decode_positions
+
+    def act(self, view):
+        keep = super().act(view)
+        return Keep(keep.video, keep.hidden, compact=True)
+
+
+def merged_reference(adapter, embeds, span, layer, prompt, new_positions):
+    """Stock logits when layers < `layer` run on every entry at 0..n-1 and layers >= `layer` on the
+    prompt's first `prompt` entries with their video pairs averaged (at 0..M-1), then the entries
+    after the prompt at `new_positions`."""
+    start, end = span
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        h = lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[layer]
+    video = h[0, start:end]
+    merged = video.view(-1, 2, video.shape[-1]).mean(1)
+    h = torch.cat([h[:, :start], merged[None], h[:, end:prompt], h[:, prompt:]], 1)
+    m = prompt - (end - start) + len(merged)
+    positions = torch.cat([torch.arange(m), torch.as_tensor(new_positions, dtype=torch.long)])[None]
+    return stock_logits(adapter, h, positions, causal(h.shape[1]), slice(layer, None))
+
+
+@pytest.mark.parametrize("rule", ["prompt", "cache"])
+def test_compacted_positions_in_prefill_and_both_decode_rules(adapter, pixels, rule):
+    layer = 2
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    span, total = prompt.span, prompt.embeds.shape[1]
+    out = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, span,
+                          MergePairsCompact(layer, rule), use_cache=True)
+    m = total - (span[1] - span[0]) // 2
+    # the driver's compacted prefill against the stock forward merged by hand: attention sums over
+    # at most `total` keys, in each of LAYERS layers
+    torch.testing.assert_close(out.logits, merged_reference(adapter, prompt.embeds, span, layer, total, []),
+                               **close(torch.float32, total, depth=LAYERS))
+    state = out.state
+    assert state.position_shift == [0] * layer + [total - m] * (8 - layer)
+    assert state.decode_compact == (rule == "cache")
+    token = out.logits[0, -1].argmax().view(1, 1)
+    embeds = prompt.embeds
+    for step in range(2):
+        logits = decoder.decode(adapter.llm, state, token)
+        embeds = torch.cat([embeds, adapter.model.get_input_embeddings()(token)], 1)
+        after = list(range(total, total + step + 1)) if rule == "prompt" else list(range(m, m + step + 1))
+        expected = merged_reference(adapter, embeds, span, layer, total, after)[:, -1:]
+        # cached decode against an uncached stock recompute: at most total + step + 1 keys, LAYERS layers
+        torch.testing.assert_close(logits, expected, **close(torch.float32, total + step + 1, depth=LAYERS))
+        token = logits[0, -1].argmax().view(1, 1)
+
+
+def test_a_compacted_prefix_continued_equals_one_prefill(adapter, pixels):
+    """`extend` places the question after each layer's compacted prefix, as one prefill does."""
+    layer = 3
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    span = prompt.span
+    whole = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, span, MergePairsCompact(layer),
+                            use_cache=False)
+    length = span[1] + 1  # the video and the newline after it
+    head = decoder.prefill(adapter.llm, prompt.embeds[:, :length], prompt.positions[:, :length], span,
+                           MergePairsCompact(layer), use_cache=True, logits_to_keep=1)
+    mark = head.state.mark()
+    rest = decoder.extend(adapter.llm, head.state, prompt.embeds[:, length:], prompt.positions[:, length:])
+    cut = len(whole.kept) - (prompt.embeds.shape[1] - length)
+    # a cached prefix extended against one uncached prefill: attention sums over at most the
+    # prompt's keys, in each of LAYERS layers
+    torch.testing.assert_close(rest, whole.logits[:, cut:],
+                               **close(torch.float32, prompt.embeds.shape[1], depth=LAYERS))
+    head.state.rewind(mark)
+    assert head.state.cache.get_seq_length() == head.state.cache.layers[0].keys.shape[-2] == length
+    assert head.state.next_position.item() == length  # decoding continues the unmerged numbering
+
+
+class ReverseEvenVideo:
+    """Before layer `layer`, keep the even video tokens and put them in reverse order."""
+
+    def __init__(self, layer):
+        self.layers = (layer,)
+
+    def act(self, view):
+        kept = torch.arange(0, len(view.video), 2)
+        return Keep(kept, order=torch.arange(len(kept) - 1, -1, -1))
+
+    def planned(self, video_tokens, groups=None):
+        return None
+
+
+def test_reordered_video_entries_keep_their_positions_and_origins(adapter, pixels):
+    layer = 2
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    (start, end), total = prompt.span, prompt.embeds.shape[1]
+    out = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, ReverseEvenVideo(layer),
+                          use_cache=True)
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        h = lm(inputs_embeds=prompt.embeds, output_hidden_states=True).hidden_states[layer]
+    order = torch.cat([torch.arange(start), torch.arange(start, end, 2).flip(0), torch.arange(end, total)])
+    expected = stock_logits(adapter, h[:, order], order[None], causal(len(order)), slice(layer, None))
+    # the driver's reordered prefill against the stock forward on the reordered states: attention
+    # sums over at most `total` keys, in each of LAYERS layers
+    torch.testing.assert_close(out.logits, expected, **close(torch.float32, total, depth=LAYERS))
+    assert out.kept.tolist() == order.tolist()
+    assert out.state.layer_origin[layer].tolist() == order.tolist()
+    assert out.state.position_shift is None  # nothing compacted
+
+
+def test_prefill_view_reads_keys_and_the_final_norm(adapter, pixels):
+    seen = {}
+
+    class Look:
+        layers = (3,)
+
+        def act(self, view):
+            seen["keys"], seen["normed"], seen["hidden"] = view.keys(), view.final_norm(), view.hidden
+            return None
+
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, Look(), use_cache=False)
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        out = lm(inputs_embeds=prompt.embeds, use_cache=True)
+    keys = out.past_key_values.layers[2].keys[0]  # layer 2 = the one before the policy's layer
+    # the view's keys (recomputed from the driver's layer-2 input) against the stock cache's: attention
+    # sums over the prompt's keys in layers 0 and 1, then layer 2's key projection
+    torch.testing.assert_close(seen["keys"], keys.transpose(0, 1).reshape(keys.shape[1], -1),
+                               **close(torch.float32, prompt.embeds.shape[1], depth=3))
+    # the same norm on the same states: exact
+    assert torch.equal(seen["normed"], lm.norm(seen["hidden"]))
+
+
+def test_compacting_m_rope_positions_is_refused(qwen, smoke_questions):
+    class Compact:
+        layers = (2,)
+
+        def act(self, view):
+            return Keep(torch.arange(len(view.video)), compact=True)
+
+    none = methods.build("none")
+    pixels = qwen.load_video(str(smoke_questions.parent / "videos" / "clip_005.mp4"), FRAMES)
+    prompt = qwen.prepare(pixels, none, qwen.prompt_ids(QUESTION)[0])
+    with pytest.raises(ValueError, match=r"compacted positions need 1-D position ids"):
+        decoder.prefill(qwen.llm, prompt.embeds, prompt.positions, prompt.span, Compact(), use_cache=False)

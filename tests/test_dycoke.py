@@ -29,6 +29,7 @@ from methods.dycoke import (
     merged_count,
     select_video_entries,
 )
+from tests.helpers.tolerance import close
 from tests.reference.dycoke import ReferenceSelection, literal_cosine, reference_ttm
 
 FRAMES = 4
@@ -387,9 +388,10 @@ def test_cached_decode_equals_the_uncached_masked_reference(adapter, eager, pixe
     videos = prompt.span[1] - prompt.span[0]
     assert videos == merged_count(FRAMES, 196, 0.5)
     out = adapter.prefill(prompt, compressor, use_cache=True)
-    with torch.no_grad():  # the prefill is not pruned
+    with torch.no_grad():  # the prefill is not pruned: the stock layers on the same inputs in the
+        # same order (the driver with `none` is the stock model exactly, tests/test_model.py): exact
         torch.testing.assert_close(out.logits, adapter.model(inputs_embeds=prompt.embeds).logits,
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=0, atol=0)
     tokens, expected, selection = reference_decode(adapter, eager, prompt.embeds, prompt.span, layer,
                                                    prune_ratio, threshold, steps)
     assert min(selection.margins) > 1e-9, "a top-k decision too close to a tie"
@@ -400,7 +402,10 @@ def test_cached_decode_equals_the_uncached_masked_reference(adapter, eager, pixe
     for step in range(steps):
         assert int(token) == tokens[step]
         logits = decoder.decode(adapter.llm, out.state, token, policy)
-        torch.testing.assert_close(logits[0, -1], expected[step], rtol=1e-5, atol=1e-5)
+        # cached, masked decode against the uncached masked stock recompute: attention sums over
+        # the prompt's keys and the step's, in each of LAYERS layers (tests/helpers/tolerance.py)
+        keys = prompt.embeds.shape[1] + step + 1
+        torch.testing.assert_close(logits[0, -1], expected[step], **close(torch.float32, keys, depth=LAYERS))
         token = logits[0, -1].argmax().view(1, 1)
     assert [bool(r) for r in policy.reselected] == selection.history
     if threshold == 0.9:
@@ -461,7 +466,9 @@ def test_keep_everything_knobs_reproduce_none(adapter, pixels):
     first = out_c.logits[0, -1].argmax().view(1, 1)
     step = decoder.decode(adapter.llm, out_c.state, first, prune_only.decode_policy(adapter.llm.shape))
     full = decoder.decode(adapter.llm, adapter.prefill(a, none, use_cache=True).state, first)
-    assert not torch.allclose(step, full, rtol=1e-4, atol=1e-5)  # hiding 70 % of the video matters
+    # hiding 70 % of the video matters: further apart than a cached decode and another kernel
+    # path could be (c.embeds.shape[1] + 1 keys, LAYERS layers)
+    assert not torch.allclose(step, full, **close(torch.float32, c.embeds.shape[1] + 1, depth=LAYERS))
     assert out_c.state.decode_video_visible == pytest.approx([int(FRAMES * 196 * 0.3) / (FRAMES * 196)])
 
 

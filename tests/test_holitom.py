@@ -31,6 +31,7 @@ from methods.holitom import (
     window_gains,
 )
 from methods.topk import pooled_scores
+from tests.helpers.tolerance import close
 from tests.reference.holitom import (
     reference_inner_merge,
     reference_visual,
@@ -102,7 +103,9 @@ def test_visual_stage_matches_literal_reference(frames, n, dim, dominant_share, 
         assert got.retain == ref.retain
         assert got.slots.tolist() == ref.slots
         assert got.tokens.dtype == torch.float32
-        torch.testing.assert_close(got.tokens.double(), ref.tokens, rtol=1e-5, atol=1e-5)
+        # float32 against the float64 reference: a merged token sums at most a window's frames * n
+        # tokens, a time mean then a cluster merge (tests/helpers/tolerance.py)
+        torch.testing.assert_close(got.tokens.double(), ref.tokens, **close(torch.float32, frames * n, depth=2))
         checked += 1
         if checked == 2:
             return
@@ -118,7 +121,9 @@ def test_visual_stage_at_full_grid_size():
             continue
         got = holitom_visual(x, scores, 0.3, 0.8, 0.6, 0.5, 7, seeded(seed))
         assert got.slots.tolist() == ref.slots and got.windows == ref.windows
-        torch.testing.assert_close(got.tokens.double(), ref.tokens, rtol=1e-5, atol=1e-5)
+        # float32 against the float64 reference: sums over at most 4 * 196 tokens, a time mean
+        # then a cluster merge
+        torch.testing.assert_close(got.tokens.double(), ref.tokens, **close(torch.float32, 4 * 196, depth=2))
         return
     pytest.fail("no input with safe margins")
 
@@ -208,7 +213,9 @@ def test_identical_tokens_collapse_to_the_static_budget():
     # one window, every position static: r' = min(0.1·6·49 / 49, 1) = 0.6, round(49·0.6) = 29
     assert got.windows == [(0, 5)] and got.retain == pytest.approx(0.6)
     assert got.tokens.shape == (29, 32) and (got.slots < 49).all()  # all in the first frame
-    torch.testing.assert_close(got.tokens, v.expand(29, 32), rtol=1e-6, atol=1e-6)
+    # float32 means of copies of v against v itself: a time mean over 6 frames, then cluster
+    # merges, at most 6 * 49 copies summed
+    torch.testing.assert_close(got.tokens, v.expand(29, 32), **close(torch.float32, 6 * 49, depth=2))
 
 
 def test_static_tokens_are_dropped_when_their_budget_rounds_to_zero():
@@ -253,9 +260,12 @@ def test_merge_into_centres_weights_centre_and_members():
     centres = torch.tensor([[1, 3]])
     label = torch.tensor([[0, 0, 0, 1, 0]])  # token 4 joins centre 1 (index 0 into centres)
     out = merge_into_centres(x, label, centres, 0.6)
-    torch.testing.assert_close(out[0, :, 0], torch.tensor([0.6 * 2 + 0.4 * (0 + 4 + 7) / 3, 10.0]))
+    # float32 against the arithmetic by hand: a mean of 3 members, then a weighted sum of 2 terms
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([0.6 * 2 + 0.4 * (0 + 4 + 7) / 3, 10.0]),
+                               **close(torch.float32, 3, depth=2))
     fastvid = merge_into_centres(x, label, centres, lambda count: (1 / (count + 1)).clamp(min=0.5))
-    torch.testing.assert_close(fastvid[0, :, 0], torch.tensor([0.5 * 2 + 0.5 * 11 / 3, 10.0]))
+    torch.testing.assert_close(fastvid[0, :, 0], torch.tensor([0.5 * 2 + 0.5 * 11 / 3, 10.0]),
+                               **close(torch.float32, 3, depth=2))
 
 
 # ---- the inner merge (pure) ------------------------------------------------------------------------------
@@ -269,14 +279,17 @@ def test_inner_merge_equals_the_sequential_halving(video_tokens, keep):
     ref = reference_inner_merge(hidden, scores, keep)
     assert ref.margin > SAFE
     kept = torch.tensor(ref.kept)
-    torch.testing.assert_close(inner_merge(hidden, kept).double(), ref.states, rtol=1e-5, atol=1e-5)
+    # float32 weighted sums against the float64 sequential halving: a kept token sums at most
+    # all video_tokens states (weights 2^-m are exact)
+    torch.testing.assert_close(inner_merge(hidden, kept).double(), ref.states, **close(torch.float32, video_tokens))
 
 
 def test_inner_merge_of_identical_tokens_goes_to_the_lower_position():
     hidden = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
     # kept 1 and 2 are equally similar (cos 1) to 0: the lower position (1) takes it
     out = inner_merge(hidden, torch.tensor([1, 2, 3]))
-    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 2.0]]))
+    # halves of small integers: every step is exact in float32, in any order
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 2.0]]), rtol=0, atol=0)
 
 
 # ---- knobs -----------------------------------------------------------------------------------------------
@@ -329,9 +342,13 @@ def test_golden():
                          **data["knobs"])
     assert got.windows == [tuple(w) for w in data["windows"]]
     assert got.slots.tolist() == data["slots"].tolist()
-    torch.testing.assert_close(got.tokens, data["tokens"], rtol=1e-5, atol=1e-5)
+    # float32 here against float32 on the CPU that wrote the file (its own summation order): a
+    # merged token sums at most all frames * N tokens, a time mean then a cluster merge
+    frames, n, _ = data["features"].shape
+    torch.testing.assert_close(got.tokens, data["tokens"], **close(torch.float32, frames * n, depth=2))
     merged = inner_merge(data["hidden"].float(), data["kept"])
-    torch.testing.assert_close(merged, data["merged"], rtol=1e-5, atol=1e-5)
+    # likewise: a kept token's weighted sum over at most all 40 states
+    torch.testing.assert_close(merged, data["merged"], **close(torch.float32, data["hidden"].shape[0]))
 
 
 # ---- on the tiny model -------------------------------------------------------------------------------------
@@ -401,7 +418,9 @@ def test_inner_merge_matches_the_stock_model_merged_by_hand(adapter, eager, pixe
     assert ref.margin > 1e-8
     assert out.kept.tolist() == kept.tolist()
     expected = stock_logits(adapter, states, kept[None], slice(K, None))
-    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    # the driver's merged prefill against the stock forward merged by hand: attention sums over
+    # the prompt's keys, in each of LAYERS layers (tests/helpers/tolerance.py)
+    torch.testing.assert_close(out.logits, expected, **close(torch.float32, prompt.embeds.shape[1], depth=LAYERS))
     video = prompt.span[1] - prompt.span[0]
     assert prompt.run.layer_video_tokens == [video] * K + [round(video * keep)] * (LAYERS - K)
     assert prompt.run.layer_video_tokens == method.prefill_policy(adapter.llm.shape).planned(video)
@@ -410,7 +429,7 @@ def test_inner_merge_matches_the_stock_model_merged_by_hand(adapter, eager, pixe
         [prompt.embeds.shape[1]] * K + [len(kept)] * (LAYERS - K))
 
 
-def test_cached_decode_equals_an_uncached_reference(adapter, eager, pixels):
+def test_cached_decode_equals_an_uncached_reference(adapter, eager, pixels, monkeypatch):
     """Each decode step equals the stock model run without cache on prompt + generated tokens:
     layers < K over everything, then, from the merged states entering K, layers >= K over the kept
     prompt tokens and the generated ones, all at their original positions."""
@@ -418,10 +437,28 @@ def test_cached_decode_equals_an_uncached_reference(adapter, eager, pixels):
     method = HoliTom(retention=0.4, llm_layer=K, llm_keep=keep)
     ids, _ = adapter.prompt_ids(QUESTION)
     prompt = adapter.prepare(pixels, method, ids)
+    # the reference starts from the driver's own merge (its kept set and merged states entering K):
+    # this test is about the cache and the positions after the merge, not about the merge's
+    # decisions, whose near-ties (cosine margins ~1e-7 on these near-still clips) float32 resolves
+    # differently on other CPUs; test_inner_merge_matches_the_stock_model_merged_by_hand checks those
+    seen = {}
+    policy = method.prefill_policy(adapter.llm_shape)
+    act = policy.act
+
+    def recording(view):
+        decision = act(view)
+        seen.update(hidden=view.hidden.clone(), video=view.video.clone(), keep=decision)
+        return decision
+
+    policy.act = recording
+    monkeypatch.setattr(HoliTom, "prefill_policy", lambda self, llm: policy)
     out = adapter.prefill(prompt, method, use_cache=True)
     embeds, total = prompt.embeds, prompt.embeds.shape[1]
-    # the merged prompt states do not depend on later tokens (causal): computed once
-    kept, merged, _ = stock_merge_reference(adapter, eager, embeds, prompt.span, K, keep)
+    start, end = prompt.span
+    kept = torch.cat([torch.arange(start), seen["keep"].video + start, torch.arange(end, total)])
+    merged = seen["hidden"][:, kept].clone()
+    merged[0, start:start + len(seen["keep"].video)] = seen["keep"].hidden
+    assert out.kept.tolist() == kept.tolist()
     embed = adapter.model.get_input_embeddings()
     lm = adapter.model.model.language_model
     logits, tokens = out.logits[0, -1], []
@@ -435,7 +472,9 @@ def test_cached_decode_equals_an_uncached_reference(adapter, eager, pixels):
         generated = torch.arange(total, total + step + 1)
         states = torch.cat([merged, hidden[:, generated]], 1)
         expected = stock_logits(adapter, states, torch.cat([kept, generated])[None], slice(K, None))[0, -1]
-        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+        # cached decode against an uncached stock recompute: attention sums over at most
+        # total + step + 1 keys, in each of LAYERS layers (tests/helpers/tolerance.py)
+        torch.testing.assert_close(logits, expected, **close(torch.float32, total + step + 1, depth=LAYERS))
     assert [l.keys.shape[-2] for l in out.state.cache.layers] == (
         [total + 5] * K + [len(kept) + 5] * (LAYERS - K))
 
@@ -465,7 +504,10 @@ def test_visual_stage_on_real_features_and_generation(adapter, pixels):
     ref = reference_visual(visual.features, scores, 0.25, generator=seeded(0))
     if ref.margin >= SAFE:
         assert got.slots.tolist() == ref.slots
-        torch.testing.assert_close(got.tokens.double(), ref.tokens, rtol=1e-5, atol=1e-5)
+        # float32 against the float64 reference: sums over at most all frames * N tokens, a time
+        # mean then a cluster merge
+        frames, n, _ = visual.features.shape
+        torch.testing.assert_close(got.tokens.double(), ref.tokens, **close(torch.float32, frames * n, depth=2))
     text, run = adapter.generate(pixels, QUESTION, method, max_new_tokens=4)
     K = LLMShape(0, 0, LAYERS).scaled_layer(18)
     assert run.layer_video_tokens == [tokens.shape[0]] * K + [round(tokens.shape[0] / 2)] * (LAYERS - K)

@@ -17,6 +17,7 @@ from harness.models.base import ModelLoadError
 from harness.models.llava_onevision import LlavaOneVision
 from harness.models.random_weights import random_model_dir
 from methods.core import decoder
+from tests.helpers.tolerance import bound
 
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 SMALL = {  # real structure, small widths; tied embeddings and bf16 as the 0.5B checkpoint
@@ -61,6 +62,7 @@ def test_none_reproduces_the_stock_model_in_bfloat16(bf16, pixels):
     prompt = bf16.prepare(pixels, none, ids)
     assert prompt.embeds.dtype == torch.bfloat16
     ours = bf16.prefill(prompt, none, use_cache=False).logits
+    # `none` runs the stock layers on the same inputs in the same order: exact
     torch.testing.assert_close(ours, stock_logits(bf16, pixels, ids), rtol=0, atol=0)
 
 
@@ -75,8 +77,15 @@ def test_cached_decoding_follows_the_full_recompute_in_bfloat16(bf16, pixels):
         embeds = torch.cat([embeds, bf16.model.get_input_embeddings()(token)], 1)
         with torch.no_grad():
             full = bf16.model(inputs_embeds=embeds).logits[0, -1].float()
-        # bf16 rounds the cached and the recomputed path differently: close, and the same choice
-        torch.testing.assert_close(step, full, rtol=0.05, atol=0.05)
+        # bf16 rounds the cached and the recomputed path differently: close, and the same choice.
+        # Each op accumulates in float32 (attention over every key) and rounds its result to
+        # bfloat16 once, so the paths are one bfloat16 rounding apart per op: 16 chained ops in each
+        # of the 4 layers (norm 2, projection, rotary 2, attention, output, residual, norm 2, gate,
+        # act, product, down, residual), 3 in the final norm and head (tests/helpers/tolerance.py;
+        # γ_n of bfloat16 itself has no bound at this length)
+        ops = 16 * 4 + 3
+        tol = bound(torch.bfloat16, 1, depth=ops) + bound(torch.float32, embeds.shape[1], depth=4)
+        torch.testing.assert_close(step, full, rtol=tol, atol=tol)
         assert int(step.argmax()) == int(full.argmax())
         token = step.argmax().view(1, 1)
 
@@ -88,6 +97,7 @@ def test_keep_everything_equals_none_in_bfloat16(bf16, pixels, name, knobs):
     ids, _ = bf16.prompt_ids(QUESTION)
     expected = bf16.prefill(bf16.prepare(pixels, none, ids), none, use_cache=False).logits
     got = bf16.prefill(bf16.prepare(pixels, method, ids), method, use_cache=False).logits
+    # keeping everything runs the same kernels on the same inputs in the same order as `none`: exact
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

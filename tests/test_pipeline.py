@@ -15,6 +15,7 @@ from methods.core.flops import LLMShape, retention_numbers
 from methods.fastv import FastV
 from methods.pipeline import Pipeline
 from methods.uniform import Uniform
+from tests.helpers.tolerance import bound
 
 QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 
@@ -45,6 +46,7 @@ def test_a_visual_and_a_prefill_method_stacked_equal_running_them_in_sequence(ad
     embeds, positions, span = adapter.embed(ids, tokens, newline, 4 * 196)
     policy = FastV(K=3, keep=0.25).prefill_policy(adapter.llm.shape)
     by_hand = decoder.prefill(adapter.llm, embeds, positions, span, policy, use_cache=False)
+    # the same kernels on the same inputs in the same order: exact
     torch.testing.assert_close(out.logits, by_hand.logits, rtol=0, atol=0)
     video = tokens.shape[0]
     assert video == 4 * 98 and prompt.run.video_tokens_in == 4 * 196
@@ -103,7 +105,8 @@ def test_stack_calibration_reaches_the_flops_target(cfg_factory, adapter):
     texts = calibration_set(adapter, tasks, 4, cfg.model.frames, False, False).text_tokens
     per_doc = [retention_numbers(cfg.model.frames * 196, t, [video] * 2 + [kept] * 6,
                                  LLMShape(64, 128, 8))["rho_flops"] for t in texts]
-    assert achieved == pytest.approx(sum(per_doc) / len(per_doc), abs=1e-12)
+    # float64 means of the same per-prompt values, perhaps summed in another order
+    assert achieved == pytest.approx(sum(per_doc) / len(per_doc), abs=bound(torch.float64, len(per_doc)))
     # a target below what the held parts allow names them, since they bound the stack
     with pytest.raises(ConfigError, match=r"retention=0.9: unreachable on this task; uniform\+fastv "
                                           r"\(rho_flops over fastv.keep, with uniform retention=0.5 held\)"):

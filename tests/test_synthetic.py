@@ -1,6 +1,7 @@
 """The synthetic task's clips hold the evidence each question kind is about, where the docstring
-of harness/synthetic_data.py says; the lmms_eval task asks exactly what the micro model learnt;
-generated data and the trainer are the same from run to run."""
+of harness/data/synthetic.py says, in scenes with the statistics of real video (texture, noise, pan,
+distractors); the lmms_eval task asks every question of every clip, exactly what the micro model
+learnt; generated data and the trainer are the same from run to run."""
 
 import json
 import math
@@ -13,8 +14,9 @@ from harness.data import synthetic as synth
 from harness.data.video import uniform_indices
 
 
-def colour_mask(frame: np.ndarray, rgb) -> np.ndarray:
-    return (np.abs(frame.astype(int) - np.array(rgb)).sum(-1) < 30)
+def of(clip, group: str, name: str) -> np.ndarray:
+    """(F, H, W) bool: where the clip shows that class."""
+    return clip.labels == synth.class_of(group, name)
 
 
 def cells_of(mask: np.ndarray) -> set:
@@ -27,43 +29,57 @@ def cells_of(mask: np.ndarray) -> set:
 @pytest.mark.parametrize("seed", range(12))
 def test_every_clip_holds_the_evidence_of_every_kind(seed):
     clip = synth.make_clip(random.Random(seed))
-    frames, answers = clip.frames, clip.answers
-    background = synth.PALETTES["background"][answers["background"]]
-    assert colour_mask(frames, background).mean() > 0.85  # the background fills most of the clip
+    answers = clip.answers
+    assert of(clip, "background", answers["background"]).mean() > 0.7  # it fills most of the clip
     # the flash: a 2x2-cell square on the cell grid, in exactly FLASH_FRAMES consecutive frames,
     # 1 or 2 of the 8 sampled
-    rgb = synth.PALETTES["flash"][answers["flash"]]
-    flash = [t for t in range(synth.FRAMES) if colour_mask(frames[t], rgb).any()]
-    assert flash == list(range(*clip.flash)) and len(flash) == synth.FLASH_FRAMES
-    assert colour_mask(frames[flash[0]], rgb).sum() == (2 * synth.CELL) ** 2
-    assert len(cells_of(colour_mask(frames[flash[0]], rgb))) == 4
-    assert 1 <= len(set(flash) & set(uniform_indices(synth.FRAMES, 8).tolist())) <= 2
+    flash = of(clip, "flash", answers["flash"])
+    shown = [t for t in range(synth.FRAMES) if flash[t].any()]
+    assert shown == list(range(*clip.flash)) and len(shown) == synth.FLASH_FRAMES
+    assert all(flash[t].sum() == (2 * synth.CELL) ** 2 and len(cells_of(flash[t])) == 4 for t in shown)
+    assert 1 <= len(set(shown) & set(uniform_indices(synth.FRAMES, 8).tolist())) <= 2
     # the small square: one whole cell, the same in every frame
-    small = [colour_mask(f, synth.PALETTES["small"][answers["small"]]) for f in frames]
+    small = of(clip, "small", answers["small"])
     assert all((m == small[0]).all() for m in small) and small[0].sum() == synth.CELL ** 2
     assert len(cells_of(small[0])) == 1
-    # the mover: one cell of white, from the centre towards the answered edge, one step per frame
-    centres = np.array([np.argwhere(colour_mask(f, synth.MOVER)).mean(0)[::-1] for f in frames])  # (x, y)
-    assert all(colour_mask(f, synth.MOVER).sum() == synth.CELL ** 2 for f in frames)
+    # the mover: one whole cell, from the centre towards the answered edge, one step per frame
+    mover = clip.labels == synth.CLASSES.index("mover")
+    assert all(m.sum() == synth.CELL ** 2 for m in mover)
+    centres = np.array([np.argwhere(m).mean(0)[::-1] for m in mover])  # (x, y)
     dx, dy = synth.DIRECTIONS[answers["direction"]]
     assert np.allclose(centres[0], synth.SIZE / 2, atol=1)
     steps = np.diff(centres, axis=0)
     assert (np.sign(steps[:, 0]) == dx).all() and (np.sign(steps[:, 1]) == dy).all()
-    edge = centres[-1] - synth.CELL / 2 + 0.5  # top-left corner of the last position
-    assert (dx < 0 and edge[0] == 0) or (dx > 0 and edge[0] == synth.SIZE - synth.CELL) or \
-           (dy < 0 and edge[1] == 0) or (dy > 0 and edge[1] == synth.SIZE - synth.CELL)
-    # nothing covers anything else: each object is whole where it is
-    assert not (colour_mask(frames[flash[0]], rgb) & small[0]).any()
+    # only distractors besides: nothing of another question palette
+    present = {synth.CLASSES[c] for c in np.unique(clip.labels)}
+    assert present - {f"background:{answers['background']}", f"flash:{answers['flash']}",
+                      f"small:{answers['small']}", "mover"} <= {f"distractor:{d}" for d in synth.DISTRACTORS}
+    assert any(p.startswith("distractor") for p in present)
+
+
+def test_scenes_have_the_statistics_of_real_video_not_flat_colours():
+    """Texture and sensor noise: no two background pixels alike, neighbours correlated (a falling
+    spatial spectrum), the background changing over time (pan, lighting), sensor noise in every
+    frame."""
+    for seed in range(6):
+        clip = synth.make_clip(random.Random(seed))
+        background = of(clip, "background", clip.answers["background"])
+        luma = clip.frames.astype(float).mean(-1)
+        assert luma[background].std() > 8  # textured, not flat
+        horizontal = np.corrcoef(luma[:, :, :-1].ravel(), luma[:, :, 1:].ravel())[0, 1]
+        assert horizontal > 0.5  # neighbouring pixels alike, as in natural images
+        still = background[0] & background[-1]
+        assert np.abs(luma[0][still] - luma[-1][still]).mean() > 2  # pan, lighting drift, noise
+        assert np.abs(np.diff(luma[:2], axis=0))[0][still].mean() > 1  # noise even frame to frame
 
 
 def test_larger_training_sides_and_drawn_sides():
     clip = synth.make_clip(random.Random(0), {"flash": 3, "small": 2, "mover": 2})
-    rgb = synth.PALETTES["flash"][clip.answers["flash"]]
-    assert colour_mask(clip.frames[clip.flash[0]], rgb).sum() == (3 * synth.CELL) ** 2
-    assert colour_mask(clip.frames[0], synth.PALETTES["small"][clip.answers["small"]]).sum() == (2 * synth.CELL) ** 2
-    assert colour_mask(clip.frames[0], synth.MOVER).sum() == (2 * synth.CELL) ** 2
+    assert of(clip, "flash", clip.answers["flash"])[clip.flash[0]].sum() == (3 * synth.CELL) ** 2
+    assert of(clip, "small", clip.answers["small"])[0].sum() == (2 * synth.CELL) ** 2
+    assert (clip.labels[0] == synth.CLASSES.index("mover")).sum() == (2 * synth.CELL) ** 2
     rng = random.Random(1)
-    drawn = {int(colour_mask(c.frames[0], synth.PALETTES["small"][c.answers["small"]]).sum())
+    drawn = {int(of(c, "small", c.answers["small"])[0].sum())
              for c in (synth.make_clip(rng, {"small": [1, 2]}) for _ in range(40))}
     assert drawn == {synth.CELL ** 2, (2 * synth.CELL) ** 2}
 
@@ -74,13 +90,15 @@ def test_flash_is_sampled_whatever_its_start():
         assert 1 <= len(sampled & set(range(start, start + synth.FLASH_FRAMES))) <= 2
 
 
-def test_answers_are_balanced_and_splits_disjoint(tmp_path):
+@pytest.mark.slow
+def test_every_question_of_every_clip_answers_balanced_and_splits_disjoint(tmp_path):
     questions = synth.generate(tmp_path / "data", clips=240)
     rows = [json.loads(line) for line in questions.read_text().splitlines()]
-    assert len(rows) == 240 and [r["kind"] for r in rows[:4]] == list(synth.KINDS)
+    assert len(rows) == 960 and [r["kind"] for r in rows[:4]] == list(synth.KINDS)
+    assert len({r["video"] for r in rows}) == 240 and all(not r["video"].startswith("/") for r in rows)
     for kind in synth.KINDS:
         letters = [r["answer"] for r in rows if r["kind"] == kind]
-        assert len(letters) == 60 and min(letters.count(x) for x in "ABCD") >= 8  # near uniform
+        assert len(letters) == 240 and min(letters.count(x) for x in "ABCD") >= 40  # near uniform
     test_clip = synth.make_clip(random.Random(f"0:{synth.SPLIT_SEEDS['test']}"))
     train_clip = synth.make_clip(synth.TrainSplit(0).rng)
     assert not np.array_equal(test_clip.frames, train_clip.frames)
@@ -98,7 +116,8 @@ def test_data_of_another_generator_version_is_written_anew(tmp_path, monkeypatch
 def test_the_task_asks_what_the_model_was_trained_on(tmp_path):
     from harness.data.lmms_tasks.vtc_synthetic.utils import doc_to_text, process_results
 
-    rows = [json.loads(line) for line in synth.generate(tmp_path / "data", clips=8).read_text().splitlines()]
+    rows = [json.loads(line) for line in synth.generate(tmp_path / "data", clips=2).read_text().splitlines()]
+    assert [r["kind"] for r in rows] == list(synth.KINDS) * 2
     for row in rows:
         assert doc_to_text(row) == synth.prompt_text(row["kind"])
         assert process_results(row, [row["answer"]]) == {"accuracy": 1.0}
@@ -111,8 +130,9 @@ def test_the_codec_round_trip_keeps_the_colours_and_is_the_same_every_time():
     clips = [synth.make_clip(rng).frames for _ in range(12)]
     back = [synth.round_trip(c) for c in clips]
     assert back[0].shape == clips[0].shape
-    # flat regions survive H.264 within a few levels; edges blur (chroma subsampling)
-    assert max(np.median(np.abs(b.astype(int) - c.astype(int))) for b, c in zip(back, clips)) <= 3
+    # the codec keeps the colours within a few levels (it smooths some of the sensor noise; edges blur
+    # with the chroma subsampling)
+    assert max(np.median(np.abs(b.astype(int) - c.astype(int))) for b, c in zip(back, clips)) <= 5
     # x264 with its default threads and rate control changed a few pixels of some of these clips
     # from one call to the next; the data must not
     for _ in range(3):

@@ -9,6 +9,7 @@ family's `Encoded.extras` (OneVision's newline token, Qwen2.5-VL's temporal posi
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,27 +31,34 @@ class FeatureCache:
         st = Path(video).stat()
         ident = {"model": self.fingerprint, "video": str(Path(video).resolve()), "size": st.st_size,
                  "mtime": st.st_mtime_ns, "frames": frames, "pre": vars(preprocessing),
-                 "needs": sorted(set(needs) & ENCODER_NEEDS), "version": 2}
+                 "needs": sorted(set(needs) & ENCODER_NEEDS), "version": 3}
         return digest(ident)
 
     def load(self, key: str, device) -> Encoded | None:
         path = self.root / f"{key}.pt"
         if not path.is_file():
             return None
-        entry = torch.load(path, map_location=device, weights_only=True)
+        try:
+            entry = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:  # noqa: BLE001  (a torn or damaged entry of any kind is recomputed)
+            print(f"note: feature cache entry {path} is unreadable ({type(err).__name__}); encoding the "
+                  "video again", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            return None
         patch_grid = entry.get("patch_grid")
         visual = VisualInput(entry["features"], tuple(entry["grid"]), entry.get("patch_scores"),
                              entry.get("patch_keys"), entry.get("encoder_hidden"),
-                             tuple(patch_grid) if patch_grid is not None else None)
-        # the encoder did not run; patch scoring is the compressor's work, so its time (measured
-        # when the entry was made) still counts for the method that needs it
-        scoring = float(entry.get("scoring_seconds", 0.0))
-        return Encoded(visual, entry["extras"], {"vision": 0.0, "scoring": scoring}, cached=True)
+                             tuple(patch_grid) if patch_grid is not None else None, bool(entry.get("mrope", False)))
+        # the encoder did not run now: its compute time is the one measured when the entry was made,
+        # so methods compare on what encoding costs whatever the cache held (cached=True marks it);
+        # patch scoring is the compressor's work and its time counts for the method that needs it
+        timings = {"vision": float(entry.get("vision_seconds", 0.0)), "scoring": float(entry.get("scoring_seconds", 0.0))}
+        return Encoded(visual, entry["extras"], timings, cached=True)
 
     def save(self, key: str, encoded: Encoded) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         v = encoded.visual
-        entry = {"features": v.features.cpu(), "grid": list(v.grid),
+        entry = {"features": v.features.cpu(), "grid": list(v.grid), "mrope": v.mrope,
                  "extras": {k: t.cpu() for k, t in encoded.extras.items()}}
         if v.patch_grid is not None:
             entry["patch_grid"] = list(v.patch_grid)
@@ -59,6 +67,7 @@ class FeatureCache:
                 entry[name] = getattr(v, name).cpu()
         if v.patch_scores is not None:
             entry["scoring_seconds"] = torch.tensor(encoded.timings.get("scoring", 0.0))
+        entry["vision_seconds"] = torch.tensor(encoded.timings.get("vision", 0.0))
         with atomic_path(self.root / f"{key}.pt") as tmp:  # readers never see half an entry
             torch.save(entry, tmp)
 

@@ -1,15 +1,33 @@
-"""Writing a generated task's data: its clips as .mp4 files and its questions.jsonl, each file
-atomically (harness.files), the questions file after every clip it names."""
+"""A generated task's data: its clips as .mp4 files and its questions.jsonl, each file written
+atomically (harness.files), the questions file after every clip it names. The questions name their
+videos relative to the data directory, so the data can move with a copy of the checkout or cache:
+the task's YAML gives the directory at run time (`task.env.VTC_TASK_DATA`) and `video_path` joins
+them."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from harness.data.video import encode_mp4
 from harness.files import atomic_path, write_text
+
+
+DATA_ENV = "VTC_TASK_DATA"
+
+
+def video_path(video: str) -> str:
+    """A question's video path: as written if absolute, else under the task's data directory."""
+    if os.path.isabs(video):
+        return video
+    base = os.environ.get(DATA_ENV)
+    if not base:
+        raise RuntimeError(f"{video}: a relative video path needs the task's data directory in ${DATA_ENV} "
+                           "(set by the task's config, task.env)")
+    return os.path.join(base, video)
 
 
 def write_clip(path: Path, frames: np.ndarray, fps: int) -> Path:

@@ -52,12 +52,12 @@ def generate(data_dir: str | Path, clips: int = 24, seed: int = 0) -> Path:
     rows = []
     for i in range(clips):
         colour, direction = rng.choice(sorted(COLOURS)), rng.choice(sorted(DIRECTIONS))
-        video = data_dir / "videos" / f"clip_{i:03d}.mp4"
-        write_clip(video, _clip(colour, direction, rng), FPS)
+        video = f"videos/clip_{i:03d}.mp4"
+        write_clip(data_dir / video, _clip(colour, direction, rng), FPS)
         kind = "colour" if i % 2 == 0 else "direction"
         answer, choices = (colour, sorted(COLOURS)) if kind == "colour" else (direction, sorted(DIRECTIONS))
         question, options, letter = _question(kind, answer, choices, rng)
-        rows.append({"id": f"clip_{i:03d}", "video": str(video), "kind": kind,
+        rows.append({"id": f"clip_{i:03d}", "video": video, "kind": kind,
                      "question": question, "options": options, "answer": letter})
     write_questions(questions, rows)  # the file's presence marks a complete data set
     return questions

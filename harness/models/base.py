@@ -69,14 +69,21 @@ def check_model_path(path: str) -> None:
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelLoadError(f"model.path={path}: no such directory ({local.resolve()}); "
                              f"expected a local model directory or a hub id like org/name")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
-    if offline:
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import HfApi, try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise ModelLoadError(f"model.path={path}: not a local directory and not in the Hugging "
-                                 f"Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
-                                 f"and HF_HUB_OFFLINE=1 forbids downloading it")
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return
+    where = (f"model.path={path}: not a local directory and not in the Hugging Face cache "
+             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')})")
+    advice = (f"; download it on a connected machine (hf download {path}) and give model.path=<its directory>, "
+              "or run its architecture with random weights: model.random_init=true")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        raise ModelLoadError(where + ", and HF_HUB_OFFLINE=1 forbids downloading it" + advice)
+    try:  # one request, before transformers' download retries (a minute of them offline)
+        HfApi().model_info(path, timeout=10)
+    except Exception as err:  # noqa: BLE001  (no network, no such repository, no access: all one line)
+        raise ModelLoadError(f"{where}, and the hub cannot give it ({type(err).__name__}: "
+                             f"{(str(err).splitlines() or [''])[0][:120]})" + advice) from None
 
 
 def model_fingerprint(directory: Path, dtype: str, device: torch.device) -> str:
@@ -351,7 +358,7 @@ class VideoLLM(ABC):
                               use_cache=use_cache, logits_to_keep=logits_to_keep,
                               timer=lambda: self.stopwatch("compressor", prompt.run.timings),
                               video_groups=prompt.groups, video_index=prompt.video_index,
-                              frame_tokens=prompt.run.frame_tokens)
+                              frame_tokens=prompt.run.frame_tokens, grid=prompt.run.grid)
         prompt.run.layer_video_tokens = out.layer_video_tokens
         prompt.run.layer_mlp_video_tokens = out.layer_mlp_video_tokens
         prompt.run.video_tokens_out = first_pruned(out.layer_video_tokens)

@@ -9,6 +9,7 @@ its marker was never finished and is never loaded.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from harness.files import atomic_directory
@@ -19,6 +20,8 @@ def write_model_dir(directory: str | Path, *, weights, tokenizer, preprocessor: 
     """`weights` (a model, or only its config for random weights) with `save_pretrained`, the
     tokenizer and its chat template, the preprocessing file, then `marker` holding `stamp`."""
     directory = Path(directory)
+    if directory.exists() and not (directory / marker).is_file():  # never finished: not a model
+        shutil.rmtree(directory)
     with atomic_directory(directory) as tmp:
         weights.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

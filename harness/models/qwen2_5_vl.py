@@ -167,7 +167,7 @@ class Qwen2_5_VL(VideoLLM):
         grid = (gh // merge, gw // merge)
         features = out.pooler_output[0].reshape(t, grid[0] * grid[1], -1)
         interval = self.vision.tokens_per_second * torch.tensor(video.second_per_grid, dtype=torch.float32)
-        return Encoded(VisualInput(features=features, grid=grid, patch_grid=(gh, gw), **captured),
+        return Encoded(VisualInput(features=features, grid=grid, patch_grid=(gh, gw), mrope=True, **captured),
                        {"time_interval": interval},
                        timings if timings is not None else {})
 

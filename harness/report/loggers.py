@@ -31,6 +31,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def quiet_wandb() -> None:
+    """W&B's own terminal lines (about 25 a run) off: the run's summary line is the output, and W&B
+    keeps its log in its run directory (`debug.log`)."""
+    import os
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
 class WandbLogger:
     """One W&B run per harness run: config, summary metrics and the per-sample table."""
 
@@ -39,6 +47,7 @@ class WandbLogger:
 
     def log_run(self, config: dict, summary: dict, run_dir) -> None:
         """config: the run's resolved config (recorded as the W&B run's config)."""
+        quiet_wandb()
         import wandb
 
         directory = Path(self.conf.dir or self.results_dir / "wandb")
@@ -62,6 +71,7 @@ class WandbLogger:
 
 def log_sweep(conf, results_dir: Path, sweep_dir: Path, summaries: list[dict]) -> None:
     """One W&B run for the whole sweep: the combined table and accuracy-vs-retention plots."""
+    quiet_wandb()
     import wandb
 
     from harness.report.tables import runs_frame

@@ -139,17 +139,40 @@ def breakdown(task, seed: int, logged: list[dict]) -> dict | None:
                     "n": len(values)} for group, values in groups.items()}
 
 
-def find_reference_run(model, task, results_dir: Path, this: Path) -> Path | None:
-    """The `none` run of the same model, task, frames and limit, if one has finished."""
-    for summary_file in sorted(results_dir.glob("*/summary.json")):
+def setting_of(model, task) -> str:
+    """What a run's answers are comparable on, apart from the method: the model (its weights,
+    frames, dtype, device type) and the task (with its overrides and limit). Runs of one setting
+    share their `none` reference."""
+    from harness.data.identity import without_data_dir
+    from harness.files import digest
+    from harness.run.identity import model_identity
+
+    return digest({"model": model_identity(model), "task": task.lmms_task, "limit": task.limit,
+                   "overrides": without_data_dir(task.overrides, task.data_dir)})[:12]
+
+
+def find_reference_run(setting: str, results_dir: Path, this: Path | None = None) -> Path | None:
+    """The finished `none` run of `setting` among the run directories under `results_dir`."""
+    for summary_file in sorted(Path(results_dir).glob("*/summary.json")):
         if summary_file.parent == this:
             continue
-        s = json.loads(summary_file.read_text())
-        if (s.get("method") == "none" and s.get("model_path") == model.path
-                and s.get("lmms_task") == task.lmms_task and s.get("frames") == model.frames
-                and s.get("limit") == task.limit):
+        try:
+            s = json.loads(summary_file.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        if s.get("method") == "none" and s.get("setting") == setting:
             return summary_file.parent
     return None
+
+
+def with_reference(summary: dict, records: list[dict], results_dir: Path) -> dict:
+    """`summary` with its agreement with the `none` run of its setting, found now (a reference run
+    finished after this one still fills it in when the run is asked for again)."""
+    if summary["method"] == "none":
+        return {**summary, "agreement_with_none": 1.0, "reference_run": None}
+    reference = find_reference_run(summary.get("setting"), results_dir, Path(summary["results_dir"]))
+    agree = agreement(records, RunDir(reference).samples()) if reference else None
+    return {**summary, "agreement_with_none": agree, "reference_run": reference.name if reference else None}
 
 
 def summarize(model, task_conf, choice, seed: int, results_dir: Path, knobs: dict, run_dir: RunDir,
@@ -169,19 +192,22 @@ def summarize(model, task_conf, choice, seed: int, results_dir: Path, knobs: dic
         print(f"warning: {len(mismatched)} per-sample scores written as samples completed differ from "
               f"lmms_eval's final scoring (doc ids {mismatched[:10]}); the summary uses lmms_eval's",
               file=sys.stderr)
-    # vision time is only meaningful where the encoder ran (not for features from the cache)
-    timings = {name: _stats([r["timings"].get(name) for r in ok
-                             if not (name == "vision" and r.get("vision_cached"))]) for name in TIMINGS}
+    # compute times: a video served by the feature cache carries the encoding time measured when
+    # its entry was made (n_vision_cached says how many); the wall clock is `throughput`
+    timings = {name: _stats([r["timings"].get(name) for r in ok]) for name in TIMINGS}
     prefill = sum(r["timings"].get("prefill", 0.0) for r in ok)
-    reference = find_reference_run(model, task_conf, Path(results_dir), run_dir.path)
-    return {
+    summary = {
         "run_id": run_dir.path.name, "task": task_conf.name, "task_label": task_conf.label,
         "lmms_task": task, "model": model.name, "family": model.family, "model_path": model.path,
         "caveats": caveats(model, task_conf), "frames": model.frames,
         "limit": task_conf.limit, "method": choice.title, "knobs": knobs, "label": choice.label,
+        "stages": sorted(choice.compressor.stages),
         "method_notes": notes or {},
         "target_retention": choice.target_retention,
+        "requested_retention": (choice.target_retention if choice.target_retention is not None
+                                else choice.direct_retention),
         "metric": key, "metric_native": native, "scale": task_conf.scale, "judge": task_conf.judge,
+        "chance": task_conf.chance,
         "score": to_100(native, task_conf.scale, f"{task}.{key}"), "score_ci95": ci,
         "breakdown_field": task_conf.breakdown, "score_by": breakdown(task_conf, seed, logged),
         "n_samples": len(per_sample) or len(records), "n_failed": len(records) - len(ok),
@@ -190,18 +216,17 @@ def summarize(model, task_conf, choice, seed: int, results_dir: Path, knobs: dic
         "retention": {name: _stats([r["retention"].get(name) for r in ok])
                       for name in ("rho_tok", "rho_avg", "rho_flops", "rho_visual", "rho_decode_kv")},
         "timings": timings,
-        # wall time: to the first token (vision, compressor and prefill inside it), then decoding
+        # compute time per sample: to the first token (vision, compressor and prefill), then decoding
         "seconds_per_sample": _stats([r["timings"].get("ttft", 0.0) + r["timings"].get("decode", 0.0)
                                       for r in ok]),
         "n_vision_cached": sum(bool(r.get("vision_cached")) for r in ok),
         "throughput": throughput,
         "compressor_share_of_prefill": (sum(r["timings"].get("compressor", 0.0) for r in ok) / prefill
                                         if prefill else None),
-        "agreement_with_none": (1.0 if choice.name == "none" else
-                                agreement(records, RunDir(reference).samples()) if reference else None),
-        "reference_run": reference.name if reference else None,
+        "setting": setting_of(model, task_conf),
         "results_dir": str(run_dir.path),
     }
+    return with_reference(summary, records, Path(results_dir))
 
 
 def summary_line(s: dict) -> str:
@@ -212,13 +237,14 @@ def summary_line(s: dict) -> str:
         f"{s['model']}",
         f"{s['method']}" + (f" {s['label']}" if s["label"] else "")
         + "".join(f" [{k}: {v}]" for k, v in (s.get("method_notes") or {}).items()),
-        f"retention {100 * ret['mean']:.1f}% (rho_tok, {100 * ret['min']:.1f}-{100 * ret['max']:.1f}; "
+        f"retention {100 * ret['mean']:.1f}% (rho_tok, over samples {100 * ret['min']:.1f}-{100 * ret['max']:.1f}%; "
         f"rho_avg {100 * s['retention']['rho_avg']['mean']:.1f}%, "
         f"FLOPs {100 * s['retention']['rho_flops']['mean']:.1f}%"
         + (f"; decode KV {100 * s['retention']['rho_decode_kv']['mean']:.1f}%"
            if s["retention"].get("rho_decode_kv") else "") + ")" if ret else "retention n/a",
-        f"score {s['score']:.1f}" + (f" [{s['score_ci95'][0]:.1f}, {s['score_ci95'][1]:.1f}]"
+        f"score {s['score']:.1f}" + (f" [95% CI {s['score_ci95'][0]:.1f}, {s['score_ci95'][1]:.1f}]"
                                      if s["score_ci95"] else "")
+        + (f" (chance {s['chance']:g})" if s.get("chance") is not None else "")
         + (" (" + ", ".join(f"{g} {v['score']:.1f}" for g, v in s["score_by"].items()) + ")"
            if s.get("score_by") else ""),
         f"{sec['mean']:.3f} s/sample" if sec else "n/a s/sample",

@@ -30,7 +30,8 @@ def find_summaries(paths) -> list[dict]:
             candidates.append(path)
         for c in candidates:
             if c.is_file():
-                found[c.resolve()] = json.loads(c.read_text())
+                # where the run is now (a copied or moved results directory still reads its samples)
+                found[c.resolve()] = {**json.loads(c.read_text()), "results_dir": str(c.resolve().parent)}
     if not found:
         raise FileNotFoundError(f"no summary.json under {', '.join(map(str, paths))}")
     return list(found.values())
@@ -64,6 +65,9 @@ def runs_frame(summaries: list[dict]) -> pd.DataFrame:
             "rho_flops": ret["rho_flops"]["mean"] if ret["rho_flops"] else None,
             "agreement": s.get("agreement_with_none"),
             "failed": s["n_failed"], "caveats": ", ".join(s.get("caveats") or []), "judge": s.get("judge"),
+            "chance": s.get("chance"), "stage": stage_of(s), "setting_id": s.get("setting"),
+            "vision_cached": bool(s.get("n_vision_cached")) and s.get("n_vision_cached") >= s["n_samples"] - s["n_failed"],
+            "samples_per_s": (s.get("throughput") or {}).get("samples_per_s"),
             **{f"{k}_s": (timings.get(k) or {}).get("mean", 0.0) for k in TIMINGS},
         }
         rows.append(row)
@@ -73,6 +77,18 @@ def runs_frame(summaries: list[dict]) -> pd.DataFrame:
             rows.append({**row, "benchmark": breakdown_column(s["task_label"], group), "whole": False,
                          "score": part["score"], "ci_low": ci[0], "ci_high": ci[1]})
     return pd.DataFrame(rows)
+
+
+def stage_of(summary: dict) -> str:
+    """Where a run's method acts, e.g. "visual", "prefill", "visual+decode" ("-" for `none`)."""
+    stages = summary.get("stages")
+    if stages is None:  # a summary from before stages were recorded
+        import methods
+
+        name = summary["method"].split("+")[0]
+        stages = sorted(methods.REGISTRY[name].stages) if name in methods.known() else []
+    stages = [s for s in ("visual", "prefill", "decode") if s in stages]
+    return "-" if summary["method"] == "none" else "+".join(stages) or "-"
 
 
 def breakdown_column(benchmark: str, group: str) -> str:
@@ -90,7 +106,7 @@ def benchmark_columns(df: pd.DataFrame) -> list[str]:
     return columns
 
 
-def paper_table(df: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
+def paper_table(df: pd.DataFrame, ci: bool = False, throughput: bool = False) -> pd.DataFrame:
     """Rows = method x setting (none first), columns = benchmarks, Avg., Retention, FLOPs."""
     benchmarks = benchmark_columns(df)
     keys = ["family", "model", "method", "setting"]
@@ -99,6 +115,7 @@ def paper_table(df: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
     whole = sorted(df.loc[df["whole"], "benchmark"].unique())
     avg = scores[whole].mean(axis=1, skipna=False)  # an average over a missing benchmark is missing
     meta = df.groupby(keys).agg(rho_tok=("rho_tok", "mean"), rho_flops=("rho_flops", "mean"),
+                                samples_per_s=("samples_per_s", "mean"),
                                 agreement=("agreement", "mean"), failed=("failed", "sum"))
     order = sorted(scores.index, key=lambda k: (k[:2], k[2] != "none", -(meta.loc[k, "rho_tok"] or 0), k))
     none_rows = {k[:2]: scores.loc[k] for k in scores.index if k[2] == "none"}
@@ -118,6 +135,9 @@ def paper_table(df: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
             row[b] = cell + ("*" if failed else "")
         row["Avg."] = _cell(avg.loc[key], none_avg.get((family, model)), method == "none")
         row["Agree"] = _pct(meta.loc[key, "agreement"])
+        if throughput:  # the engine's samples per second of the run (its own machine and load)
+            rate = meta.loc[key, "samples_per_s"]
+            row["samples/s"] = MISSING if rate is None or pd.isna(rate) else f"{rate:.2f}"
         out.append(row)
     return pd.DataFrame(out)
 
@@ -134,10 +154,41 @@ def _cell(score, reference, is_reference: bool) -> str:
     return f"{score:.1f} ({score - reference:+.1f})"
 
 
+def with_references(summaries: list[dict]) -> tuple[list[dict], list[str]]:
+    """The summaries, plus the `none` run of every setting that lacks one among them when the results
+    directory of its runs holds it (agreement filled in where it was missing), and a note for each
+    setting whose `none` run was found there or is nowhere."""
+    from harness.report.summary import find_reference_run, with_reference
+    from harness.run.rundir import RunDir
+
+    summaries, notes = list(summaries), []
+    covered = {s.get("setting") for s in summaries if s["method"] == "none"}
+    for setting in sorted({s["setting"] for s in summaries if s.get("setting")} - covered):
+        runs = [s for s in summaries if s.get("setting") == setting]
+        roots = sorted({Path(s["results_dir"]).parent for s in runs})
+        found = next((ref for root in roots if (ref := find_reference_run(setting, root))), None)
+        what = f"{runs[0]['model']} on {runs[0]['task_label']}"
+        if found is None:
+            notes.append(f"No `none` run of {what} (this setting) was found in {', '.join(map(str, roots))}: "
+                         "deltas and Agree stay empty; run the same model, task and limit with +method=none "
+                         "there, then make the table again.")
+            continue
+        reference = json.loads((found / "summary.json").read_text())
+        summaries.append(reference)
+        notes.append(f"The `none` row of {what} is the run {found.name} (not among the runs given).")
+        for i, s in enumerate(summaries):
+            if s.get("setting") == setting and s["method"] != "none" and s.get("agreement_with_none") is None:
+                summaries[i] = with_reference(s, RunDir(s["results_dir"]).samples(), found.parent)
+    return summaries, notes
+
+
 def footnotes(df: pd.DataFrame) -> list[str]:
-    notes = ["Scores on 0-100; (±x) is the difference to the uncompressed `none` row. "
-             "Retention = mean achieved token retention rho_tok; FLOPs = prefill FLOPs ratio to `none`; "
-             "Agree = share of answers equal to `none`'s."]
+    has_none = (df["method"] == "none").any()
+    notes = [("Scores on 0-100; (±x) is the difference to the uncompressed `none` row of the same model. "
+              if has_none else "Scores on 0-100. ")
+             + "Retention = mean achieved token retention rho_tok; FLOPs = prefill FLOPs ratio to `none`; "
+             "Agree = share of answers equal to `none`'s. Scores are accuracies unless the benchmark says "
+             "otherwise; chance is the score of guessing."]
     for benchmark, judges in df.dropna(subset=["judge"]).groupby("benchmark")["judge"]:
         notes.append(f"{benchmark} is scored by a GPT judge: {', '.join(sorted(set(judges)))}.")
     if df["failed"].sum():
@@ -155,12 +206,13 @@ def footnotes(df: pd.DataFrame) -> list[str]:
     return notes
 
 
-def write_tables(summaries: list[dict], out_dir: Path, ci: bool = False) -> str:
+def write_tables(summaries: list[dict], out_dir: Path, ci: bool = False, throughput: bool = False) -> str:
     """Write table.md, table.tex, table.csv (and runs.csv with every run) to out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    summaries, found = with_references(summaries)
     df = runs_frame(summaries)
-    table = paper_table(df, ci=ci)
-    notes = footnotes(df)
+    table = paper_table(df, ci=ci, throughput=throughput)
+    notes = footnotes(df) + found
     markdown = table.to_markdown(index=False, disable_numparse=True) + "\n\n" + "\n".join(f"{n}  " for n in notes) + "\n"
     (out_dir / "table.md").write_text(markdown)
     styler = table.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from harness.data.feature_cache import encode_file
+from harness.data.identity import documents_identity
 from harness.data.video import VideoError
 from harness.errors import ConfigError
-from harness.files import digest
-from harness.files import write_json
+from harness.files import digest, write_json
 from methods.core.base import Compressor, VideoTokens, VisualInput
 from methods.core.flops import LLMShape, retention_numbers
 
@@ -40,6 +41,9 @@ class CalibrationSet:
     text_tokens: list[int]  # prompt tokens other than video tokens, per document
     full_video: list[int]  # F*N video tokens, per document (Qwen2.5-VL: N depends on the video)
     visual: list[VisualInput] | None = None  # pooled features, when a visual stage must run
+    # for a prefill policy whose counts depend on the hidden states where it acts (STTM): per
+    # document, the video tokens' states entering that layer (head + video prefilled once) and the grid
+    states: list[tuple[torch.Tensor, tuple[int, int]]] | None = None
 
 
 def calibration_size(size: int, limit: int | None) -> int:
@@ -82,15 +86,55 @@ def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: b
     return CalibrationSet(texts, full, visual if need_visual else None)
 
 
+class _Captured(Exception):
+    """Stops a calibration prefill once the states it is run for are taken."""
+
+
+def layer_states(adapter, compressor: Compressor, tasks: dict, size: int, frames: int, cache=None) -> list:
+    """Per calibration document, the video tokens' hidden states entering the layer where the
+    compressor's prefill policy acts, and the frame grid: the prompt's head and video prefilled up to
+    that layer (the question plays no part in a policy that plans from them)."""
+    from methods.core import decoder
+
+    policy = compressor.prefill_policy(adapter.llm_shape)
+    (layer,) = policy.layers
+
+    class Capture:
+        layers = (layer,)
+
+        def act(self, view):
+            raise _Captured(view.hidden[0, view.video].detach())
+
+    out = []
+    for task, doc in _documents(tasks, size):
+        try:
+            encoded = encode_file(adapter, task.doc_to_visual(doc)[0], frames, compressor.needs, cache)
+        except VideoError as err:
+            log.warning("calibration skips a video: %s", err)
+            continue
+        compressed = adapter.compress(encoded, compressor, task.doc_to_text(doc))
+        prompt = adapter.prompt(compressed, adapter.prompt_ids(task.doc_to_text(doc))[0])
+        length = adapter.prefix_length(prompt)
+        try:
+            decoder.prefill(adapter.llm, prompt.embeds[:, :length], prompt.positions[..., :length], prompt.span,
+                            Capture(), use_cache=False)
+        except _Captured as captured:
+            out.append((captured.args[0], tuple(prompt.run.grid)))
+    return out
+
+
 def stack_retention(compressor: Compressor, video_tokens: int, full_video: int, text: int,
-                    shape: LLMShape, groups: torch.Tensor | None = None) -> dict:
+                    shape: LLMShape, groups: torch.Tensor | None = None, states=None) -> dict:
     """The retention numbers of one prompt whose visual stage left `video_tokens` tokens (with
     these group ids, if it gives them), with the per-layer counts its prefill policy plans (a
     policy that plans acts before layers only, so its attention and MLP counts are the same; one
-    acting mid-layer plans nothing)."""
+    acting mid-layer plans nothing), from `states` (the video's states where it acts, and the grid)
+    for a policy that plans from them (`planned_from_states`)."""
     layers = [video_tokens] * shape.layers
     if compressor.has("prefill"):
-        planned = compressor.prefill_policy(shape).planned(video_tokens, groups)
+        policy = compressor.prefill_policy(shape)
+        planned = (policy.planned_from_states(*states) if states is not None
+                   else policy.planned(video_tokens, groups))
         if planned is None:
             raise ConfigError(f"retention targeting: {compressor.title}'s prefill keeps a data-dependent "
                               "number of tokens, so its knob cannot be matched without running the LLM; "
@@ -108,7 +152,9 @@ def mean_measure(compressor: Compressor, measure: str, data: CalibrationSet, sha
                 out = compressor.compress(data.visual[i])
                 video = (out.tokens if isinstance(out, VideoTokens) else out).shape[0]
                 groups = out.groups if isinstance(out, VideoTokens) else None
-            values.append(stack_retention(compressor, video, data.full_video[i], text, shape, groups)[measure])
+            states = data.states[i] if data.states is not None else None
+            values.append(stack_retention(compressor, video, data.full_video[i], text, shape, groups,
+                                          states)[measure])
     return sum(values) / len(values)
 
 
@@ -160,11 +206,24 @@ def search(compressor: Compressor, target: float, data: CalibrationSet, shape: L
             "samples": len(data.text_tokens), "trace": trace}
 
 
+def _cached(path: Path | None) -> dict | None:
+    """A calibration result on disk, or None (missing, or unreadable: then it is computed anew)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"note: {path} is unreadable (cut short?); calibrating again", file=sys.stderr)
+        return None
+
+
 def calibrate(compressor: Compressor, target: float, adapter, tasks: dict, *, frames: int, size: int,
-              identity: dict, cache_dir: Path | None = None, feature_cache=None) -> dict:
+              identity: dict, cache_dir: Path | None = None, feature_cache=None, data_dir: str | None = None) -> dict:
     """The knob value for `target` retention: {"knobs": {knob: value}, ...} (cached on disk).
 
-    identity: what else fixes the answer (model path, task, seed), for the cache key.
+    identity: what else fixes the answer (task, its overrides, seed), for the cache key. A cached
+    result is used only for the same calibration documents (their text and their videos' content,
+    harness.data.identity.documents_identity); for changed data it is computed anew, with a note.
     """
     spec = compressor.retention_knob
     shape = adapter.llm_shape
@@ -176,15 +235,21 @@ def calibrate(compressor: Compressor, target: float, adapter, tasks: dict, *, fr
     key = {**identity, "weights": adapter.fingerprint, "frames": frames, "size": size,
            "method": compressor.name, "knobs": compressor.knobs(), "knob": spec.knob,
            "measure": spec.measure, "target": target}
+    documents = documents_identity(tasks, size, data_dir)
     path = cache_dir / "calibration" / f"{compressor.name}-{digest(key)[:12]}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        cached = json.loads(path.read_text())
+    cached = _cached(path)
+    if cached is not None and cached.get("documents") == documents:
         log.info("calibration cache hit %s: %s", path, cached["knobs"])
         return cached
+    if cached is not None:
+        print(f"note: the calibration documents changed since {path} was computed; calibrating again",
+              file=sys.stderr)
     data = calibration_set(adapter, tasks, size, frames, compressor.has("visual"), compressor.needs,
                            feature_cache)
+    if compressor.has("prefill") and hasattr(compressor.prefill_policy(shape), "planned_from_states"):
+        data.states = layer_states(adapter, compressor, tasks, size, frames, feature_cache)
     result = search(compressor, target, data, shape)
-    result["key"] = key
+    result.update(key=key, documents=documents)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, result)
@@ -193,3 +258,39 @@ def calibrate(compressor: Compressor, target: float, adapter, tasks: dict, *, fr
           f"({spec.measure} {100 * achieved:.2f}% on {len(data.text_tokens)} calibration documents"
           + (f"; cached in {path})" if path else ")"))
     return result
+
+
+def visual_share(compressor: Compressor, data: CalibrationSet) -> float:
+    """Mean share of the video tokens the visual stage keeps on the calibration set (rho_visual)."""
+    with torch.inference_mode():
+        kept = [video_tokens_of(compressor.compress(v)) / full for v, full in zip(data.visual, data.full_video)]
+    return sum(kept) / len(kept)
+
+
+def video_tokens_of(out) -> int:
+    return (out.tokens if isinstance(out, VideoTokens) else out).shape[0]
+
+
+def check_reachable(compressor: Compressor, target: float, adapter, tasks: dict, *, frames: int, size: int,
+                    feature_cache=None) -> None:
+    """For a knob set directly from `retention=` on a visual stage: the same one-line "unreachable"
+    error as a calibrated knob's when the target lies below what the stage keeps at its knob's lowest
+    setting (a per-frame or per-video floor of at least one token), naming the reachable range."""
+    spec = compressor.retention_knob
+    if spec is None or not spec.direct or not compressor.has("visual") or spec.measure != "rho_tok" \
+            or compressor.composite:
+        return
+    reachable(compressor, target, calibration_set(adapter, tasks, size, frames, True, compressor.needs,
+                                                  feature_cache))
+
+
+def reachable(compressor: Compressor, target: float, data: CalibrationSet) -> None:
+    """ConfigError unless `target` is within TOLERANCE of what the visual stage can keep on `data`."""
+    spec = compressor.retention_knob
+    low, high = compressor.knob_range(spec.knob)
+    floor = visual_share(compressor.with_knob(spec.knob, low), data)
+    if target < floor - TOLERANCE:
+        top = visual_share(compressor.with_knob(spec.knob, high), data)
+        raise ConfigError(f"retention={target}: unreachable on this task; {compressor.title} reaches "
+                          f"{100 * floor:.2f}%-{100 * top:.2f}% over its knob range [{low:g}, {high:g}] "
+                          f"(its visual stage's share of the video tokens)")

@@ -55,6 +55,7 @@ class TaskConf:
     caveat: Optional[str] = None  # what the task is, shown beside its scores ("synthetic task")
     breakdown: Optional[str] = None  # a document field that scores are also reported by (per kind)
     calibration_size: int = 32  # documents used to calibrate a knob to a target retention
+    chance: Optional[float] = None  # the score of guessing (0-100), shown beside scores; null: open-ended
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Config:
     feature_cache: bool = True  # reuse pooled vision features across runs (cache_dir/features)
     run_id: Optional[str] = None  # default: derived from the config, so a re-run resumes
     resume: bool = True
-    progress: bool = True
+    progress: Optional[bool] = None  # progress bars; null: when the output is a terminal
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

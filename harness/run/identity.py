@@ -9,14 +9,35 @@ from harness.files import digest
 from harness.run.config import REPO_ROOT
 
 
+def model_identity(model) -> dict:
+    """What fixes a model's answers: the weights (for a model the harness builds, what it is built
+    from, not where the cache lives), the frames, dtype and device type (bfloat16 on a GPU does not
+    resume float32 on a CPU)."""
+    from harness.models.base import resolve_device
+
+    if model.train:
+        weights = {"recipe": {"arch": model.arch, "train": model.train}}
+    elif model.random_init:
+        weights = {"random_init": {"family": model.family, "arch": model.arch}}
+    elif model.build_tiny:
+        weights = {"tiny": model.family}
+    else:
+        weights = {"path": model.path}
+    return {**weights, "frames": model.frames, "dtype": model.dtype,
+            "device": resolve_device(model.device).type}
+
+
 def run_id(job) -> str:
-    """Readable and unique per setting: task-model-method-label-<hash of the setting>."""
+    """Readable and unique per setting: task-model-method-label-<hash of the setting>. The setting
+    is its content (model, data, method, seed), never where the checkout or the cache lives, so a
+    copy of a results directory resumes where it is."""
+    from harness.data.identity import without_data_dir
+
     model, task, choice = job.model, job.task, job.method
     identity = {
-        "model": {"path": model.path, "frames": model.frames, "dtype": model.dtype}
-        | ({"random_init": model.arch} if model.random_init else {})
-        | ({"arch": model.arch, "train": model.train} if model.train else {}),
-        "task": {"lmms_task": task.lmms_task, "limit": task.limit, "overrides": task.overrides},
+        "model": model_identity(model),
+        "task": {"lmms_task": task.lmms_task, "limit": task.limit,
+                 "overrides": without_data_dir(task.overrides, task.data_dir)},
         "method": choice.name, "knobs": choice.knobs, "target": choice.target_retention,
         "calibration_size": task.calibration_size if choice.target_retention else None,
         "seed": job.seed,
@@ -56,7 +77,8 @@ def versions() -> dict:
 
     return {
         "harness_git": git("rev-parse", "HEAD"),
-        "harness_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # untracked files count: a method added in a new file changes what ran
+        "harness_dirty": bool(git("status", "--porcelain")),
         "torch": torch.__version__, "transformers": installed("transformers"),
         "lmms_eval": installed("lmms_eval"), "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),

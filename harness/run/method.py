@@ -22,6 +22,7 @@ class MethodChoice:
     compressor: Compressor  # built and checked; calibration may still move its retention knob
     target_retention: float | None  # a retention to reach by calibrating the declared knob
     label: str  # e.g. "tau=0.9", "r=0.25"
+    direct_retention: float | None = None  # a retention `retention=` set the declared knob to
 
     @property
     def title(self) -> str:
@@ -103,4 +104,5 @@ def choose_method(spec: dict, tau: float | None = None, retention: float | None 
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(str(err)) from err
-    return MethodChoice(name, compressor, target, describe(compressor, target, direct))
+    return MethodChoice(name, compressor, target, describe(compressor, target, direct),
+                        float(retention) if direct else None)

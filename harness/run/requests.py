@@ -59,9 +59,10 @@ class Clock:
     video_reading: float = 0.0  # in the background thread when prefetching, else inside the loop
 
     def add_run(self, timings: dict) -> None:
+        """A sample's measured work (its vision time is the encoder's compute time, also for a video
+        from the feature cache, so the loop times the encoding itself: `parts["vision"]`)."""
         self.samples += 1
-        for part, key in (("vision", "vision"), ("compressor", "compressor"), ("prefill", "prefill"),
-                          ("generation", "decode")):
+        for part, key in (("compressor", "compressor"), ("prefill", "prefill"), ("generation", "decode")):
             self.parts[part] += timings.get(key, 0.0)
 
     def merge(self, other: "Clock") -> None:
@@ -91,7 +92,7 @@ class VTCModel(lmms):
     def __init__(self, adapter: VideoLLM, compressor: Compressor, run_dir: RunDir, *,
                  frames: int, max_new_tokens: int, tasks: dict, metric: str, live_score: bool = True,
                  progress: bool = True, feature_cache: FeatureCache | None = None,
-                 engine: EngineConf | None = None):
+                 engine: EngineConf | None = None, breakdown: str | None = None):
         super().__init__()
         self.adapter, self.compressor, self.run_dir = adapter, compressor, run_dir
         self.frames, self.max_new_tokens = frames, max_new_tokens
@@ -100,6 +101,7 @@ class VTCModel(lmms):
         self.feature_cache = feature_cache
         self.engine = engine or EngineConf()
         self.clock = Clock()
+        self.breakdown = breakdown  # the document field scores are broken down by, kept in each record
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VTCModel":
@@ -230,7 +232,9 @@ class VTCModel(lmms):
                 raise SampleError(video.reason)
             loaded = fetch.get(video)
             self.clock.video_reading += loaded.seconds
+            started = time.perf_counter()
             encoded = encode_input(self.adapter, loaded, self.compressor.needs, self.feature_cache)
+            self.clock.parts["vision"] += time.perf_counter() - started
             # a visual stage that reads the question runs once per question (in answer_one)
             compressed = (encoded if self.compressor.reads_question_before_llm
                           else self.adapter.compress(encoded, self.compressor))
@@ -263,7 +267,11 @@ class VTCModel(lmms):
         """Write one sample's record (and score it, where the task allows it live)."""
         context, arg1, doc_to_visual, doc_id, task_name, split = req.args
         doc = self._doc(req)
-        record = {"key": key, "task": task_name, "doc_id": doc_id, "request": req.request_type}
+        record = {"key": key, "task": task_name, "doc_id": doc_id, "request": req.request_type,
+                  "question": context}
+        for name in ("options", self.breakdown):  # so a record reads without a join with the data
+            if name and name in doc:
+                record[name] = doc[name]
         if failed is not None:
             record.update(status="failed", reason=f"{type(failed).__name__}: {failed}",
                           result=self._failed_result(req), prediction=None)

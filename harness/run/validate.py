@@ -54,6 +54,7 @@ def check_config(model, task, seed: int, engine=None) -> None:
         raise ConfigError(f"model.dtype={model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if not DEVICE.match(str(model.device)):
         raise ConfigError(f"model.device={model.device!r}: expected auto, cpu, mps, cuda or cuda:N")
+    check_device(str(model.device))
     if model.attn_implementation not in ATTENTION:
         raise ConfigError(f"model.attn_implementation={model.attn_implementation!r}: expected one "
                           f"of {', '.join(ATTENTION)}")
@@ -64,6 +65,24 @@ def check_config(model, task, seed: int, engine=None) -> None:
         _int("engine.prefetch", engine.prefetch, 0)
     # tau= and retention= are the method's knobs: harness.run.method checks them under the
     # method's name (scissor.tau=1.5), before anything loads
+
+
+def check_device(device: str) -> None:
+    """The device is there: a run asked for on a GPU this machine does not have stops here, before
+    anything loads (and before a finished CPU run of the same setting could be taken for it)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device={device}: no CUDA device is visible (torch "
+                              f"{torch.__version__}, torch.cuda.is_available() is False); use "
+                              "model.device=cpu or auto")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device={device}: {torch.cuda.device_count()} CUDA device(s) are "
+                              f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("model.device=mps: the MPS backend is not available on this machine")
 
 
 def check_method_family(compressor, family: str) -> None:

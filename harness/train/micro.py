@@ -40,8 +40,12 @@ accuracy per kind on a held-out validation set (not the test split).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,29 +56,65 @@ import torch.nn.functional as nnf
 
 from harness.data import synthetic as synth
 from harness.data.video import uniform_indices
-from harness.files import digest
+from harness.files import atomic_directory, digest
 from harness.models.model_dir import write_model_dir
 
 MARKER = "MICRO_MODEL.json"
-VERSION = 3  # bump when the training code changes what a recipe produces
+VERSION = 4  # bump when the training code changes what a recipe produces
 VALIDATION_CLIPS = 64
 
 
+SHIPPED = Path(__file__).resolve().parent / "weights" / "micro"  # the weights the repository ships
+
+
+class ShippedWeightsError(RuntimeError):
+    """The shipped micro model's files do not match their recorded checksum."""
+
+
+def recipe_key(arch: dict, recipe: dict) -> str:
+    """What identifies a micro model: its architecture, its recipe and this trainer's version."""
+    return digest({"arch": arch, "train": recipe, "version": VERSION})[:10]
+
+
 def model_dir(path: str | Path, arch: dict, recipe: dict) -> Path:
-    """Where the micro model of this architecture and recipe lives: `path` (model.path) with the
-    key of both appended, so another recipe is another directory."""
+    """Where the micro model of this architecture and recipe is built: `path` (model.path) with its
+    recipe key appended, so another recipe is another directory."""
     path = Path(path)
-    return path.with_name(f"{path.name}-{digest({'arch': arch, 'train': recipe, 'version': VERSION})[:10]}")
+    return path.with_name(f"{path.name}-{recipe_key(arch, recipe)}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shipped(arch: dict, recipe: dict) -> Path | None:
+    """The shipped model's directory when it was trained by this architecture and recipe (its
+    MICRO_MODEL.json says so, and its weights match the checksum recorded there), else None."""
+    marker = SHIPPED / MARKER
+    if not marker.is_file():
+        return None
+    stamp = json.loads(marker.read_text())
+    if stamp.get("key") != recipe_key(arch, recipe):
+        return None
+    weights = SHIPPED / "model.safetensors"
+    if not weights.is_file() or sha256(weights) != stamp.get("sha256"):
+        raise ShippedWeightsError(f"{weights} does not match the checksum in {marker}: the checkout is "
+                                  "damaged (restore it with git) or rebuild with python -m harness.train_micro")
+    return SHIPPED
 
 
 def is_built(path: str | Path, arch: dict, recipe: dict) -> bool:
-    """Whether the model of this architecture and recipe is already built (its marker written)."""
-    return (model_dir(path, arch, recipe) / MARKER).is_file()
+    """Whether the model of this architecture and recipe is shipped or already built."""
+    return shipped(arch, recipe) is not None or (model_dir(path, arch, recipe) / MARKER).is_file()
 
 
-def build_micro_model(path: str | Path, arch: dict, recipe: dict, progress: bool = True) -> Path:
-    """The trained micro model's directory (see model_dir): reused when already built, else trained
-    now (minutes on a CPU) and written atomically."""
+def build_micro_model(path: str | Path, arch: dict, recipe: dict, progress: bool = True,
+                      use_shipped: bool = True) -> Path:
+    """The trained micro model's directory: the shipped one when it was trained by this recipe (and
+    `use_shipped`), else the one built under `model_dir` (trained now, minutes on a CPU, written
+    atomically with its marker last, then reused)."""
+    if use_shipped and (found := shipped(arch, recipe)) is not None:
+        return found
     directory = model_dir(path, arch, recipe)
     if (directory / MARKER).is_file():
         return directory
@@ -83,8 +123,21 @@ def build_micro_model(path: str | Path, arch: dict, recipe: dict, progress: bool
     return write_model_dir(directory, weights=model, tokenizer=tokenizer, preprocessor=preprocessor(arch),
                            marker=MARKER, stamp={
         "what": "micro LLaVA-OneVision trained on the synthetic task's train split (harness.train_micro)",
-        "arch": arch, "train": recipe, "version": VERSION,
+        "key": recipe_key(arch, recipe), "arch": arch, "train": recipe, "version": VERSION,
         "seconds": round(time.perf_counter() - started, 1), "validation": report})
+
+
+def ship(directory: Path) -> Path:
+    """Copy a built micro model into the repository (SHIPPED), its weights' checksum recorded."""
+    stamp = json.loads((directory / MARKER).read_text())
+    with atomic_directory(SHIPPED) as tmp:
+        for f in directory.iterdir():
+            if f.name != MARKER:
+                shutil.copy2(f, tmp / f.name)
+        stamp["sha256"] = sha256(tmp / "model.safetensors")
+        (tmp / MARKER).write_text(json.dumps(stamp, indent=1))
+        shutil.rmtree(SHIPPED, ignore_errors=True)
+    return SHIPPED
 
 
 def preprocessor(arch: dict) -> dict:
@@ -121,6 +174,11 @@ def check_recipe(recipe: dict) -> None:
         need("vision.lr", vision["lr"], (int, float), 1e-12)
         need("language.warmup", language["warmup"], int, 1)
         need("language.lr", language["lr"], (int, float), 1e-12)
+        for key, value in (language.get("augment") or {}).items():
+            if key not in ("drop", "min_keep", "shuffle") or isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"model.train.language.augment.{key}={value!r}: expected drop, min_keep "
+                                 "or shuffle, each a number in [0, 1]")
         stages = language["stages"]
     except (KeyError, TypeError) as err:
         raise ValueError(f"model.train: missing field {err} (see conf/model/micro.yaml)") from None
@@ -142,34 +200,20 @@ def check_recipe(recipe: dict) -> None:
 
 
 # ---- data -------------------------------------------------------------------------------------------
-def _palette() -> tuple[torch.Tensor, list[str]]:
-    colours = {f"{group}:{name}": rgb for group, p in synth.PALETTES.items() for name, rgb in p.items()}
-    colours["mover"] = synth.MOVER
-    return torch.tensor(list(colours.values()), dtype=torch.float32), list(colours)
+EVIDENCE = [i for i, name in enumerate(synth.CLASSES) if name.split(":")[0] in ("flash", "small", "mover")]
 
 
-def token_targets(frames: np.ndarray, grid: int) -> torch.Tensor:
-    """(F, grid*grid, C) share of each colour class among the pixels under each pooled token."""
-    palette, _ = _palette()
-    x = torch.from_numpy(frames).float()  # (F, H, W, 3)
-    nearest = torch.cdist(x.flatten(1, 2), palette).argmin(-1)  # (F, H*W)
-    onehot = nnf.one_hot(nearest, len(palette)).float().view(x.shape[0], x.shape[1], x.shape[2], -1)
+def token_targets(labels: np.ndarray, grid: int) -> torch.Tensor:
+    """(F, grid*grid, C) share of each colour class (synth.CLASSES) among the pixels under each
+    pooled token, from the rendered class of every pixel."""
+    onehot = nnf.one_hot(torch.from_numpy(labels).long(), len(synth.CLASSES)).float()  # (F, H, W, C)
     shares = nnf.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2), grid)  # (F, C, grid, grid)
     return shares.flatten(2).transpose(1, 2)
 
 
-def vision_frames(rng: random.Random, count: int) -> np.ndarray:
-    """(count, SIZE, SIZE, 3) frames for the vision stage: a background of the task's and 3-10
-    squares of any of the task's colours, of 1-3 cells, anywhere (not on the cell grid)."""
-    colours = [rgb for p in synth.PALETTES.values() for rgb in p.values()] + [synth.MOVER]
-    frames = np.empty((count, synth.SIZE, synth.SIZE, 3), np.uint8)
-    for frame in frames:
-        frame[:] = rng.choice(list(synth.PALETTES["background"].values()))
-        for _ in range(rng.randint(3, 10)):
-            side = rng.randint(synth.CELL // 2, 3 * synth.CELL)
-            x, y = rng.randrange(synth.SIZE - side + 1), rng.randrange(synth.SIZE - side + 1)
-            frame[y:y + side, x:x + side] = rng.choice(colours)
-    return synth.round_trip(frames)
+def evidence_tokens(labels: np.ndarray, grid: int) -> torch.Tensor:
+    """(F, grid*grid) bool: the pooled tokens that show any of a question's objects."""
+    return token_targets(labels, grid)[..., EVIDENCE].sum(-1) > 0
 
 
 def _short_sample(clip: synth.Clip, count: int, rng: random.Random) -> list[int]:
@@ -287,17 +331,22 @@ def _layout(prompts: Prompts, video: int, kinds: tuple[str, ...]):
     return torch.cat(positions), allowed, branches
 
 
-def language_batch(model, prompts: Prompts, clips, frame_lists, kinds=synth.KINDS):
+def language_batch(model, prompts: Prompts, clips, frame_lists, kinds=synth.KINDS, augment=None):
     """Logits at the answer slots (B * kinds * 2, V) and their targets for a batch of clips, every
-    kind asked of every clip."""
+    kind asked of every clip. `augment(pooled (F, N, D), evidence (F, N)) -> (M, D)` reduces the video
+    tokens (the same M for the whole batch) before the newline is appended."""
     embed = model.model.language_model.embed_tokens
     size = model.config.vision_config.image_size
     with torch.no_grad():  # the encoder is frozen in this stage
         hidden = [_encoder_states(model, _pixels(c.frames[f], size)) for c, f in zip(clips, frame_lists)]
     rows, targets = [], []
     video = None
-    for clip, states in zip(clips, hidden):
+    for clip, frames, states in zip(clips, frame_lists, hidden):
         pooled = _project_and_pool(model, states)  # (F*N + 1, D)
+        if augment is not None:
+            tokens = pooled[:-1].view(len(frames), -1, pooled.shape[-1])
+            grid = round(tokens.shape[1] ** 0.5)
+            pooled = torch.cat([augment(tokens, evidence_tokens(clip.labels[frames], grid)), pooled[-1:]])
         video = pooled.shape[0]
         tails = []
         for kind in kinds:
@@ -313,6 +362,42 @@ def language_batch(model, prompts: Prompts, clips, frame_lists, kinds=synth.KIND
     slots = torch.tensor([start + n - 3 + k for start, n in branches for k in (0, 1)])
     logits = model.lm_head(hidden[:, slots])  # (B, kinds*2, V)
     return logits.flatten(0, 1), torch.cat(targets)
+
+
+class Reduction:
+    """The language stage's augmentation: a random reduction of the video tokens, so that the decoder
+    reads where a token came from in what the token carries (its features keep the patch's position)
+    and not in where it sits in the sequence, as a compressor that drops or reorders tokens needs.
+    With probability `drop`, each frame keeps the same random number of its tokens (a share drawn
+    from [min_keep, 1] per batch), the question objects' tokens first; with probability `shuffle`,
+    each frame's tokens are then put in a random order. Frames keep their order."""
+
+    def __init__(self, spec: dict | None, rng: random.Random):
+        spec = spec or {}
+        self.drop, self.min_keep, self.shuffle = spec.get("drop", 0.0), spec.get("min_keep", 1.0), spec.get("shuffle", 0.0)
+        self.rng = rng
+
+    def for_batch(self):
+        """The augment function for one batch (None: this batch keeps its tokens as they are)."""
+        drop, shuffle = self.rng.random() < self.drop, self.rng.random() < self.shuffle
+        if not (drop or shuffle):
+            return None
+        share = self.rng.uniform(self.min_keep, 1.0) if drop else 1.0
+        g = torch.Generator().manual_seed(self.rng.getrandbits(63))
+
+        def augment(tokens: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+            frames, n, _ = tokens.shape
+            rows = torch.arange(frames)[:, None]
+            order = torch.rand(frames, n, generator=g).argsort(-1)  # a random order, evidence first
+            order = order[rows, (~evidence).gather(1, order).long().argsort(dim=-1, stable=True)]
+            kept = order[:, :max(1, round(share * n))]
+            if shuffle:  # a fresh random order of the kept tokens
+                kept = kept[rows, torch.rand(kept.shape, generator=g).argsort(-1)]
+            else:
+                kept = kept.sort(-1).values
+            return tokens[rows, kept].flatten(0, 1)
+
+        return augment
 
 
 def _encoder_states(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -332,8 +417,9 @@ def _project_and_pool(model, hidden: torch.Tensor) -> torch.Tensor:
 
 # ---- training ------------------------------------------------------------------------------------
 def _schedule(optimizer, steps: int, warmup: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
-                                             * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -357,7 +443,7 @@ def train_vision(model, recipe: dict, rng: random.Random, progress: bool) -> flo
     size = model.config.vision_config.image_size
     grid = math.ceil((size // model.config.vision_config.patch_size) / 2)
     width = model.config.text_config.hidden_size
-    probes = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(_palette()[1])),
+    probes = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(synth.CLASSES)),
                                   "row": torch.nn.Linear(width, grid), "col": torch.nn.Linear(width, grid)})
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *probes.parameters()]
@@ -368,10 +454,10 @@ def train_vision(model, recipe: dict, rng: random.Random, progress: bool) -> flo
     loss_avg = None
     with _bar(spec["steps"], "micro model: vision", progress) as bar:
         for _ in range(spec["steps"]):
-            frames = vision_frames(rng, spec["batch"])
+            frames, labels = synth.scene_frames(rng, spec["batch"])
             hidden = _encoder_states(model, _pixels(frames, size))
             tokens = model.model.apply_pooling(model.model.multi_modal_projector(hidden))  # (B, N, D)
-            target = token_targets(frames, grid)
+            target = token_targets(labels, grid)
             loss = (torch.sum(-target * probes["colour"](tokens).log_softmax(-1), -1).mean()
                     + nnf.cross_entropy(probes["row"](tokens).flatten(0, 1), rows.repeat(len(frames)))
                     + nnf.cross_entropy(probes["col"](tokens).flatten(0, 1), cols.repeat(len(frames))))
@@ -390,6 +476,7 @@ def train_language(model, prompts: Prompts, recipe: dict, clips, rng: random.Ran
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
+    reduction = Reduction(spec.get("augment"), random.Random(f"{recipe['seed']}:augment"))
     report = []
     for stage in spec["stages"]:
         # each stage warms up and decays on its own (a warm restart): a stage on longer clips
@@ -404,7 +491,7 @@ def train_language(model, prompts: Prompts, recipe: dict, clips, rng: random.Ran
             for _ in range(stage["steps"]):
                 batch = clips.take(stage["batch"], stage.get("sides"))
                 frame_lists = [_frames_for(c, count, recipe["frames"], rng) for c in batch]
-                logits, targets = language_batch(model, prompts, batch, frame_lists)
+                logits, targets = language_batch(model, prompts, batch, frame_lists, augment=reduction.for_batch())
                 value = _step(nnf.cross_entropy(logits, targets), params, optimizer, schedule)
                 loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
                 bar.set_postfix(loss=f"{loss_avg:.3f}")
@@ -467,3 +554,32 @@ def train(arch: dict, recipe: dict, progress: bool = True):
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval(), tokenizer, {"vision_loss": round(vision_loss, 4), "language": stages}
+
+
+def token_geometry(directory: Path, data_dir: str, frames: int, clips: int = 16) -> dict:
+    """How alike a model's pooled video tokens are on the first `clips` clips of the test split:
+    quantiles of the cosine similarity over all pairs of a clip's tokens (median over clips, and
+    the range over clips). Real videos through a real encoder give medians well below 1; a flat
+    synthetic scene gives most pairs near 1, where every similarity threshold behaves differently."""
+    from harness.data.generated import DATA_ENV, video_path
+    from harness.data.synthetic import generate
+    from harness.models.llava_onevision import LlavaOneVision
+    from methods.core.similarity import unit_rows
+
+    questions = generate(data_dir)
+    os.environ[DATA_ENV] = str(questions.parent)  # where its relative video paths point
+    videos = list(dict.fromkeys(json.loads(line)["video"] for line in questions.read_text().splitlines()))[:clips]
+    adapter = LlavaOneVision(str(directory), device="cpu")
+    levels = (0.01, 0.1, 0.5, 0.9, 0.99)
+    per_clip = []
+    for video in videos:
+        features = adapter.encode_video(adapter.load_video(video_path(video), frames)).visual.features
+        units = unit_rows(features.flatten(0, 1).double())
+        sims = units @ units.T
+        pairs = sims[torch.triu(torch.ones_like(sims, dtype=torch.bool), diagonal=1)]
+        per_clip.append(torch.quantile(pairs, torch.tensor(levels, dtype=pairs.dtype)).tolist())
+    values = torch.tensor(per_clip)
+    return {"clips": len(videos), "tokens_per_clip": int(features.shape[0] * features.shape[1]),
+            "median_over_clips": {f"q{round(100 * q)}": round(float(values[:, i].median()), 4) for i, q in enumerate(levels)},
+            "range_over_clips": {f"q{round(100 * q)}": [round(float(values[:, i].min()), 4), round(float(values[:, i].max()), 4)]
+                                 for i, q in enumerate(levels)}}

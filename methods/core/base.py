@@ -51,6 +51,7 @@ class VisualInput:
     # (given with "patch_scores")
     encoder_hidden: torch.Tensor | None = None  # (F, H*W, C) what the projector receives ("encoder_hidden")
     patch_grid: tuple[int, int] | None = None  # (H, W) of the patch grid, row-major (None: square)
+    mrope: bool = False  # the model places video tokens by M-RoPE (t, h, w) ids (Qwen2.5-VL), not 1-D
     question: torch.Tensor | None = None  # (q, D) the LLM's input embeddings of the question's tokens
     # ("question": a visual stage that reads the question, e.g. instruction-conditioned selection;
     # such a method is compressed once per question, not once per video)
@@ -178,6 +179,24 @@ def layer(default, help: str = "", low: int = 1, **more):
     the method's official layer, scaled to the model's depth."""
     return knob(default, help, kind="integer", low=low, optional=default is None or more.pop("optional", False),
                 **more)
+
+
+POSITIONS = ("compact", "original")
+
+
+def positions_knob():
+    """The `positions` knob of a visual stage that keeps tokens: compact | original | null (by model)."""
+    return knob(None, "compact: consecutive positions; original: each kept token keeps its own; null: "
+                "original on M-RoPE models (Qwen2.5-VL), compact otherwise (LLaVA-OneVision's standard "
+                "concatenation)", kind="choice", choices=POSITIONS, optional=True)
+
+
+def placed(kept: VideoTokens, x: VisualInput, positions: str | None) -> torch.Tensor | VideoTokens:
+    """A visual stage's kept tokens as the LLM receives them: `VideoTokens` (original position ids)
+    for positions="original", a plain tensor (consecutive positions) for "compact"; None: original
+    where the model places video tokens by M-RoPE (`x.mrope`), compact otherwise."""
+    original = positions == "original" or (positions is None and x.mrope)
+    return kept if original else kept.tokens
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,23 @@ what the model's own forward computes. Methods that act inside the LLM plug in a
   it may return which of that layer's cached video entries the layers from there on attend to
   (masked, not truncated).
 
+Two departures from the keep-positions rule, for methods whose official code makes them, each
+asked for by the `Keep` a prefill policy returns (absent, nothing changes):
+- `Keep.order`: the kept video entries take the video's places in the sequence in another order
+  (SparseVLM puts its recycled cluster tokens after the kept tokens). A cluster token is a kept
+  entry whose hidden state is replaced: it keeps that entry's prompt index (`origin`) and, unless
+  compacted, its position id;
+- `Keep.compact`: from that layer on the sequence takes the position ids 0..n-1 (1-D position ids
+  only; STTM's and SparseVLM's official LLaVA code). Prompt tokens a shared prefix is continued
+  with (`extend`) then sit after each layer's compacted sequence, as they would in one prefill of
+  the whole prompt (`DecoderState.position_shift`); decode steps continue after the unmerged
+  prompt's last position in every layer (Hugging Face `generate`: STTM), or, when the policy sets
+  `decode_positions = "cache"`, after each layer's own compacted numbering (the position is that
+  layer's cache length: SparseVLM's official decoding).
+A policy may also read the keys of a layer after its rotary embedding (`PrefillView.keys`) and the
+sequence through the LLM's final norm (`PrefillView.final_norm`: DART), and the (h, w) token grid
+of a frame (`PrefillView.grid`, when the caller gives it).
+
 Attention rows a policy needs come from `methods.core.attention` for the one layer asked, never from
 eager attention. Policies report nothing into harness objects: `Prefill.layer_video_tokens` (video
 tokens each layer's attention saw, which its KV cache holds), `Prefill.layer_mlp_video_tokens` (those
@@ -29,7 +46,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from methods.core.attention import query_attention, step_attention
+from methods.core.attention import project, query_attention, step_attention
 from methods.core.flops import LLMShape
 
 
@@ -60,6 +77,10 @@ class Keep:
 
     video: torch.Tensor  # (k,) long: indices into PrefillView.video
     hidden: torch.Tensor | None = None  # (k, D)
+    # (k,) a permutation of 0..k-1: the kept video entries fill the video's places in the sequence
+    # in the order video[order] (default: ascending, as they were)
+    order: torch.Tensor | None = None
+    compact: bool = False  # from this layer on the sequence takes position ids 0..n-1 (1-D ids only)
 
 
 @dataclass
@@ -82,6 +103,8 @@ class PrefillView:
     frame_tokens: int | None = None  # N: tokens per frame of the visual input (video_index // N = frame)
     _inputs: dict = field(default_factory=dict, repr=False)  # layer -> (module, its input, rotary)
     _apply_rotary: Callable | None = field(default=None, repr=False)
+    grid: tuple[int, int] | None = None  # (h, w) token grid of a frame (h*w = frame_tokens), if given
+    _norm: Callable | None = field(default=None, repr=False)  # the LLM's final norm
 
     def attention(self, queries: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
         """(q, n) attention of `queries` (sequence indices; default the last entry) over the
@@ -101,6 +124,22 @@ class PrefillView:
             raise ValueError(f"attention at layer {layer} from a policy at layer {self.layer}: "
                              f"available are layers {sorted(self._inputs)}")
         return self._inputs[layer]
+
+    def keys(self, layer: int | None = None) -> torch.Tensor:
+        """(n, kv_heads * head_dim) keys of `layer` (default as in `attention`) over the sequence,
+        after its rotary embedding, key-value heads concatenated (not repeated for grouped queries):
+        what that layer's attention caches."""
+        module, hidden, (cos, sin) = self.layer_input(layer)
+        k = project(module.self_attn, module.input_layernorm(hidden), "k")
+        _, k = self._apply_rotary(k, k, cos, sin)
+        return k[0].transpose(0, 1).reshape(k.shape[2], -1)
+
+    def final_norm(self) -> torch.Tensor:
+        """(1, n, D) the sequence's hidden states through the LLM's final norm (the norm the LM
+        head reads)."""
+        if self._norm is None:
+            raise ValueError("this PrefillView was built without the LLM's final norm")
+        return self._norm(self.hidden)
 
 
 @dataclass
@@ -131,6 +170,8 @@ class DecodeView:
 class PrefillPolicy(Protocol):
     layers: tuple[int, ...]  # act before each of these decoder layers
     # (optional) mid_layers: tuple[int, ...]: act between these layers' attention and MLP
+    # (optional) decode_positions: "prompt" (default) | "cache": where decode steps sit in a layer
+    # whose sequence a `Keep.compact` renumbered (module docstring)
 
     def act(self, view: PrefillView) -> Keep | None: ...
 
@@ -161,6 +202,11 @@ class DecoderState:
     next_position: torch.Tensor  # position ids of the next token, shaped (..., 1)
     generated: int = 0
     decode_video_visible: list = field(default_factory=list)  # share attended per step (0-d tensors)
+    # per layer, how far a compacting policy moved the end of the prompt back (None: no layer was
+    # compacted): tokens `extend` adds sit at their position ids minus it, as in one prefill of the
+    # whole prompt; decode steps too when `decode_compact` (else at the unmerged prompt's positions)
+    position_shift: list[int] | None = None
+    decode_compact: bool = False
 
     def mark(self) -> "StateMark":
         """What `rewind` returns to: this state as it is now (e.g. after a shared prefix)."""
@@ -191,7 +237,8 @@ class StateMark:
 class Prefill:
     logits: torch.Tensor  # (1, n, vocab) for the last n entries (all, unless logits_to_keep)
     state: DecoderState | None  # None without a cache
-    kept: torch.Tensor  # (n_last,) prompt indices of the entries the last layer processed
+    kept: torch.Tensor  # (n_last,) prompt indices of the entries the last layer processed, in
+    # sequence order (ascending unless a policy reordered video entries, `Keep.order`)
     layer_video_tokens: list[int]  # video tokens each layer's attention processed (= its KV cache)
     layer_mlp_video_tokens: list[int]  # video tokens each layer's MLP processed (after a mid-layer act)
 
@@ -254,7 +301,16 @@ class _Sequence:
         mask = ~is_video[self.origin]
         mask[seq_video[keep.video]] = True
         kept = mask.nonzero().flatten()
+        if keep.order is not None:  # the kept video entries change places among themselves
+            slots = is_video[self.origin[kept]].nonzero().flatten()
+            kept = kept.clone()
+            kept[slots] = kept[slots][keep.order]
         self.hidden, self.positions, self.origin = hidden[:, kept], self.positions[..., kept], self.origin[kept]
+        if keep.compact:
+            if self.positions.dim() != 2:
+                raise ValueError(f"compacted positions need 1-D position ids (1, n); these are "
+                                 f"{tuple(self.positions.shape)} (M-RoPE keeps its original ids)")
+            self.positions = torch.arange(len(kept), device=kept.device, dtype=self.positions.dtype)[None]
         self.rotary = llm.rotary(self.hidden, self.positions)
 
 
@@ -262,10 +318,12 @@ class _Sequence:
 def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tuple[int, int],
             policy: PrefillPolicy | None = None, *, use_cache: bool = True, logits_to_keep: int = 0,
             timer: Callable | None = None, video_groups: torch.Tensor | None = None,
-            video_index: torch.Tensor | None = None, frame_tokens: int | None = None) -> Prefill:
+            video_index: torch.Tensor | None = None, frame_tokens: int | None = None,
+            grid: tuple[int, int] | None = None) -> Prefill:
     """Run the LLM over `embeds` (1, T, D) at `positions` (..., T): (1, T) sequence positions, or
     (3, 1, T) M-RoPE positions (Qwen2.5-VL); video tokens at [start, end) (with a group id each in
-    `video_groups` and their index in the F*N visual input in `video_index`, for the policy).
+    `video_groups` and their index in the F*N visual input in `video_index`, and the (h, w) token
+    grid of a frame in `grid`, for the policy).
 
     `timer()` (a context manager) times the policy's own work (compressor time).
     """
@@ -290,22 +348,26 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
     mask, stale = None, True  # one mask per run of layers that see the same sequence
     layer_origin, attention_counts, mlp_counts = [], [], []
     video_count = end - start  # video tokens in the sequence, recounted after each act
+    end_position = positions.amax() + 1  # after the prompt's last position id
+    shift, shifts = 0, []  # how far compaction moved the prompt's end back, per layer (0 or a 0-d tensor)
 
     def act(layer: int, at_mid: bool) -> None:
-        nonlocal stale, video_count
+        nonlocal stale, video_count, shift
         video_entries = is_video[seq.origin].nonzero().flatten()
         present = seq.origin[video_entries] - start
         groups = None if video_groups is None else video_groups[present]
         index = present if video_index is None else video_index[present]
         view = PrefillView(layer, seq.hidden, seq.positions, seq.origin, video_entries, start,
                            (seq.origin >= end).nonzero().flatten(), at_mid, groups, index, frame_tokens,
-                           inputs, llm.apply_rotary)
+                           inputs, llm.apply_rotary, grid, llm.norm)
         with _timer(timer):
             keep = policy.act(view)
             if keep is not None:
                 seq.apply(keep, is_video, llm)
                 stale = True
                 video_count = int(is_video[seq.origin].sum())
+                if keep.compact:
+                    shift = end_position - seq.positions.shape[-1]
 
     for i in range(depth):
         inputs = {k: v for k, v in inputs.items() if k == i - 1}  # only the layer before is kept
@@ -317,6 +379,7 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
         inputs[i] = (llm.layers[i], seq.hidden, seq.rotary)
         layer_origin.append(seq.origin)
         attention_counts.append(video_count)
+        shifts.append(shift)
         if i in mid:
             seq.hidden = _attend(llm, i, seq.hidden, mask, seq.rotary, cache)
             act(i, at_mid=True)
@@ -329,12 +392,25 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
     state = None
     if cache is not None:
         # after the largest position id of the prompt (3-D rotary ids: the same for all axes)
-        nxt = (positions.amax() + 1).expand(*positions.shape[:-1], 1).clone()
+        nxt = end_position.expand(*positions.shape[:-1], 1).clone()
         state = DecoderState(cache, layer_origin, is_video, nxt)
+        if any(isinstance(s, torch.Tensor) for s in shifts):  # a policy compacted the positions
+            state.position_shift = [int(s) for s in shifts]
+            state.decode_compact = getattr(policy, "decode_positions", "prompt") == "cache"
     return Prefill(logits, state, seq.origin, attention_counts, mlp_counts)
 
 
 # ---- continuing a cached prompt ---------------------------------------------------------------------
+def _rotaries(llm: LLM, hidden, positions, shift: list[int] | None) -> Callable[[int], tuple]:
+    """Layer index -> rotary tables of `positions`, each layer's at positions - shift[layer] (one
+    table per distinct shift); without shifts the same table for every layer."""
+    if shift is None:
+        rotary = llm.rotary(hidden, positions)
+        return lambda i: rotary
+    tables = {s: llm.rotary(hidden, positions - s) for s in set(shift)}
+    return lambda i: tables[shift[i]]
+
+
 @torch.inference_mode()
 def extend(llm: LLM, state: DecoderState, embeds: torch.Tensor, positions: torch.Tensor,
            logits_to_keep: int = 0) -> torch.Tensor:
@@ -342,17 +418,19 @@ def extend(llm: LLM, state: DecoderState, embeds: torch.Tensor, positions: torch
     `state`'s cache: what one prefill of the whole prompt computes for them, in a second part (the
     shared-prefix engine continues a cached [head + video] prefix with each question). Each layer
     attends to its own cache, then the new tokens causally; no policy acts (a prefill policy that
-    reads the question cannot share a prefix). Returns their logits (the last `logits_to_keep`)."""
+    reads the question cannot share a prefix). In a layer whose prefix a policy compacted, the new
+    tokens sit at their position ids minus that layer's `position_shift`. Returns their logits (the
+    last `logits_to_keep`)."""
     _check(llm)
     hidden = embeds
-    rotary = llm.rotary(hidden, positions)
+    rotaries = _rotaries(llm, hidden, positions, state.position_shift)
     start, count = state.is_video.shape[0], embeds.shape[1]
     masks: dict = {}
     for i in range(len(llm.layers)):
         key = len(state.layer_origin[i])  # layers whose caches hold as many entries share a mask
         if key not in masks:
             masks[key] = _mask(llm, hidden, state.cache, i)
-        hidden = _run(llm, i, hidden, masks[key], rotary, state.cache)
+        hidden = _run(llm, i, hidden, masks[key], rotaries(i), state.cache)
     new = torch.arange(start, start + count, device=embeds.device)
     grown: dict = {}
     for i, origin in enumerate(state.layer_origin):
@@ -373,11 +451,13 @@ def decode(llm: LLM, state: DecoderState, input_ids: torch.Tensor, policy: Decod
     """One generated token (input_ids (1, 1)) through every layer on `state`; (1, 1, vocab) logits.
 
     The token sits at the position after the prompt's last (original) position, whatever was
-    pruned; each layer attends to its own cache, minus the video entries a decode policy hides.
+    pruned (with `decode_compact`, minus each layer's `position_shift`: after that layer's own
+    compacted numbering); each layer attends to its own cache, minus the video entries a decode
+    policy hides.
     """
     hidden = llm.embed(input_ids)
     positions = state.next_position
-    rotary = llm.rotary(hidden, positions)
+    rotaries = _rotaries(llm, hidden, positions, state.position_shift if state.decode_compact else None)
     prompt = state.is_video.shape[0]
     new_index = prompt + state.generated
     hidden_videos = None  # (T,) bool over prompt indices: video entries hidden from layers >= policy.layer
@@ -390,7 +470,7 @@ def decode(llm: LLM, state: DecoderState, input_ids: torch.Tensor, policy: Decod
         if policy is not None and i == policy.layer:
             slots = (origin < prompt).logical_and_(state.is_video[origin.clamp(max=prompt - 1)])
             video = slots.nonzero().flatten()
-            view = DecodeView(i, state.generated, hidden, video, inputs, rotary, llm.apply_rotary)
+            view = DecodeView(i, state.generated, hidden, video, inputs, rotaries(i), llm.apply_rotary)
             with _timer(timer):
                 chosen = policy.select(view)
             if chosen is not None:
@@ -409,7 +489,7 @@ def decode(llm: LLM, state: DecoderState, input_ids: torch.Tensor, policy: Decod
                 hide[from_prompt] = hidden_videos[origin[from_prompt]]
                 visible = torch.cat([~hide, hide.new_ones(1)])[None]
             masks[key] = _mask(llm, hidden, state.cache, i, visible)
-        hidden = _run(llm, i, hidden, masks[key], rotary, state.cache)
+        hidden = _run(llm, i, hidden, masks[key], rotaries(i), state.cache)
     # every layer cached the new token: extend each layer's index (layers of one stage share it)
     grown: dict = {}
     for i, origin in enumerate(state.layer_origin):

@@ -23,6 +23,8 @@ import torch
 def bound(dtype: torch.dtype, n: int, depth: int = 1) -> float:
     """2·γ_n per reduction of n terms in `dtype`, over `depth` chained reductions."""
     u = torch.finfo(dtype).eps / 2
+    if n * u >= 1:
+        raise ValueError(f"no bound for a sum of {n} terms in {dtype}: n·u = {n * u:.3g} >= 1")
     gamma = n * u / (1 - n * u)
     return 2 * gamma * depth
 
@@ -32,3 +34,13 @@ def close(dtype: torch.dtype, n: int, depth: int = 1) -> dict:
     reduction has `n` terms, chained `depth` times."""
     tol = bound(dtype, n, depth)
     return {"rtol": tol, "atol": tol}
+
+
+def close_probabilities(dtype: torch.dtype, n: int, depth: int = 1) -> dict:
+    """rtol and atol for two `dtype` computations of a probability vector over n entries (an
+    attention row, a softmax). A difference δ in the scores moves each probability by about δ of
+    itself, so every entry is held to `bound` relatively; entries far below the mean 1/n are held
+    to bound/n absolutely (rtol = atol = bound would let an entry of a 1/n-sized row move by
+    n·bound of itself)."""
+    tol = bound(dtype, n, depth)
+    return {"rtol": tol, "atol": tol / n}

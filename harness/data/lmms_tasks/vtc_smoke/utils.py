@@ -2,11 +2,13 @@
 
 import re
 
+from harness.data.generated import video_path
+
 PROMPT_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
 def doc_to_visual(doc):
-    return [doc["video"]]
+    return [video_path(doc["video"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):

@@ -1,11 +1,12 @@
 """Prompt and scoring of the embedded synthetic task (lmms_eval task functions)."""
 
+from harness.data.generated import video_path
 from harness.data.lmms_tasks.vtc_smoke.utils import extract_letter
 from harness.data.synthetic import prompt_of
 
 
 def doc_to_visual(doc):
-    return [doc["video"]]
+    return [video_path(doc["video"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
