@@ -139,7 +139,7 @@ def test_changed_videos_are_not_resumed(cfg_factory, tmp_path, smoke_questions, 
     rows = [json.loads(line) for line in smoke_questions.read_text().splitlines()[:3]]
     for i, row in enumerate(rows):
         target = data / "videos" / f"v{i}.mp4"
-        target.write_bytes(open(row["video"], "rb").read())
+        target.write_bytes((smoke_questions.parent / row["video"]).read_bytes())
         row["video"] = str(target)
     (data / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = cfg_factory(f"task.data_dir={data}", "+method=uniform", "retention=0.5")
@@ -151,8 +151,8 @@ def test_changed_videos_are_not_resumed(cfg_factory, tmp_path, smoke_questions, 
     assert "(already complete)" in capsys.readouterr().out
     # the second video is replaced by another clip: a finished run is not taken as done, and its
     # samples are discarded with a note
-    other = json.loads(smoke_questions.read_text().splitlines()[5])["video"]
-    (data / "videos" / "v1.mp4").write_bytes(open(other, "rb").read())
+    other = smoke_questions.parent / json.loads(smoke_questions.read_text().splitlines()[5])["video"]
+    (data / "videos" / "v1.mp4").write_bytes(other.read_bytes())
     st = os.stat(data / "videos" / "v1.mp4")
     os.utime(data / "videos" / "v1.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     run_config(cfg)

@@ -104,7 +104,7 @@ def test_bad_videos_fail_their_sample_and_the_run_goes_on(cfg_factory, tmp_path,
     data = tmp_path / "data"
     (data / "videos").mkdir(parents=True)
     rows = [json.loads(line) for line in smoke_questions.read_text().splitlines()[:3]]
-    shutil.copy(rows[0]["video"], data / "videos" / "good.mp4")
+    shutil.copy(smoke_questions.parent / rows[0]["video"], data / "videos" / "good.mp4")
     (data / "videos" / "corrupt.mp4").write_bytes(b"not a video" * 100)
     for row, name in zip(rows, ["good.mp4", "missing.mp4", "corrupt.mp4"]):
         row["video"] = str(data / "videos" / name)

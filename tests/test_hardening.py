@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -216,8 +215,9 @@ def test_an_unreadable_samples_line_in_the_middle_is_skipped_not_fatal(tmp_path)
     assert drop_torn_tail(path) == 0  # the tail is whole
 
 
-def test_generated_data_is_relocatable(tmp_path):
-    """Videos are named relative to the data directory; a copy elsewhere reads its own copies."""
+def test_generated_data_is_relocatable(tmp_path, monkeypatch):
+    """Videos are named relative to the data directory; a copy elsewhere reads its own copies (the
+    directory from $VTC_TASK_DATA, else the working directory, as lmms_eval's own CLI reads data_files)."""
     import shutil
 
     from harness.data.generated import DATA_ENV, video_path
@@ -228,9 +228,9 @@ def test_generated_data_is_relocatable(tmp_path):
     assert all(not os.path.isabs(r["video"]) for r in rows)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "a")
-    os.environ[DATA_ENV] = str(tmp_path / "b")
-    try:
-        assert all(os.path.isfile(video_path(r["video"])) for r in rows)
-    finally:
-        del os.environ[DATA_ENV]
-    assert np.all([video_path("/abs/x.mp4") == "/abs/x.mp4"])
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "b"))
+    assert all(os.path.isfile(video_path(r["video"])) for r in rows)
+    monkeypatch.delenv(DATA_ENV)
+    monkeypatch.chdir(tmp_path / "b")
+    assert all(video_path(r["video"]) == str(tmp_path / "b" / r["video"]) for r in rows)
+    assert video_path("/abs/x.mp4") == "/abs/x.mp4"

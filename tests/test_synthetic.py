@@ -166,9 +166,12 @@ def test_the_trainer_is_deterministic_for_a_seed(monkeypatch):
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert [s["frames"] for s in report["language"]] == [2, 8]
-    # each language stage warms up and decays from its own rate (the first 4 steps are the vision stage)
-    cosine = [0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)]
-    assert rates[4:9] == pytest.approx([2e-3 * 0.5 * cosine[0], 2e-3 * cosine[1], 2e-3 * cosine[2], 1e-3, 1e-3 * 0.5])
+    # each language stage warms up from 0 and decays from its own rate (transformers'
+    # get_cosine_schedule_with_warmup; the first 4 steps are the vision stage)
+    def rate(base, warmup, steps, s):
+        return base * s / warmup if s < warmup else base * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+
+    assert rates[4:9] == pytest.approx([rate(2e-3, 2, 3, s) for s in range(3)] + [rate(1e-3, 1, 2, s) for s in range(2)])
 
 
 RECIPE = {"seed": 0, "frames": 8, "vision": {"steps": 1, "batch": 1, "lr": 1e-3, "warmup": 1},

@@ -20,14 +20,12 @@ DATA_ENV = "VTC_TASK_DATA"
 
 
 def video_path(video: str) -> str:
-    """A question's video path: as written if absolute, else under the task's data directory."""
+    """A question's video path: as written if absolute, else under the task's data directory
+    ($VTC_TASK_DATA, set by the harness from task.env), else under the working directory (where the
+    task YAML's relative `data_files` is read from when lmms_eval's own CLI runs it)."""
     if os.path.isabs(video):
         return video
-    base = os.environ.get(DATA_ENV)
-    if not base:
-        raise RuntimeError(f"{video}: a relative video path needs the task's data directory in ${DATA_ENV} "
-                           "(set by the task's config, task.env)")
-    return os.path.join(base, video)
+    return os.path.join(os.environ.get(DATA_ENV) or os.getcwd(), video)
 
 
 def write_clip(path: Path, frames: np.ndarray, fps: int) -> Path:
