@@ -2,8 +2,8 @@
 
 The harness needs a few things lmms_eval does not expose publicly: scoring one response the way
 its evaluator does (the task's filter ensemble, then process_results), a task's raw YAML config
-(to name the dataset in an error), the layout of `get_task_dict`'s result (groups as tuples), and
-whether a metric's aggregation is a plain mean. Each is wrapped here and has a contract test
+(to name the dataset in an error), the layout of `get_task_dict`'s result (groups as tuples),
+whether a metric's aggregation is a plain mean, and a group's aggregate of its tasks' scores. Each is wrapped here and has a contract test
 (tests/test_lmms_compat.py), so an lmms_eval upgrade that changes one fails one clear test instead
 of a run. The pinned version is in pyproject.toml.
 """
@@ -50,6 +50,18 @@ def leaf_tasks(task_dict: dict) -> Iterator[tuple[str, object]]:
                 yield name, value[1]
         else:
             yield name, value
+
+
+def group_scores(per_task: dict, task_dict: dict) -> dict:
+    """lmms_eval's results per task with its groups' aggregates added, computed by its evaluator's
+    own group code (`evaluator_utils.consolidate_group_results`) from the leaves' results (each
+    with its "samples" count) and the groups' configs (their aggregate_metric_list) in `task_dict`."""
+    import collections
+
+    from lmms_eval.evaluator_utils import consolidate_group_results
+
+    merged, *_ = consolidate_group_results(collections.defaultdict(dict, per_task), {}, task_dict)
+    return dict(merged)
 
 
 def is_mean(aggregate) -> bool:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from harness.errors import ConfigError
-from harness.run.calibrate import TOLERANCE, bisect_knob
+from harness.run.calibrate import TOLERANCE, _documents, bisect_knob
 from tests.helpers import run_config
 
 
@@ -38,3 +38,17 @@ def test_unreachable_targets_say_so():
         bisect_knob(lambda t: 0.2 + 0.15 * (t + 1), -1.0, 1.0, 0.05)
     with pytest.raises(ConfigError, match="closest achievable mean retention is .* jumps past"):
         bisect_knob(lambda t: 0.1 if t < 0 else 0.5, -1.0, 1.0, 0.3)
+
+
+def test_calibration_documents_are_taken_in_turn_from_a_groups_tasks():
+    """A group (MVBench: 20 tasks) calibrates on all its tasks, first documents first (those
+    evaluated under task.limit, which lmms_eval applies per task)."""
+    class Task:
+        def __init__(self, docs):
+            self.eval_docs = docs
+
+    tasks = {"a": Task(["a0", "a1", "a2"]), "b": Task(["b0"]), "c": Task(["c0", "c1"])}
+    assert [doc for _, doc in _documents(tasks, 5)] == ["a0", "b0", "c0", "a1", "c1"]
+    assert [doc for _, doc in _documents(tasks, 10)] == ["a0", "b0", "c0", "a1", "c1", "a2"]
+    assert [task for task, _ in _documents(tasks, 2)] == [tasks["a"], tasks["b"]]
+    assert [doc for _, doc in _documents({"one": Task(["x", "y", "z"])}, 2)] == ["x", "y"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.lmms_compat import is_mean, leaf_tasks, score_one, task_config
+from harness.lmms_compat import group_scores, is_mean, leaf_tasks, score_one, task_config
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "harness" / "data" / "lmms_tasks"
@@ -57,6 +57,25 @@ def test_leaf_tasks_unpacks_groups(manager, smoke_questions, tmp_path, monkeypat
     assert list(leaves) == ["vtc_smoke_mc"]
     assert type(leaves["vtc_smoke_mc"]).__name__ == "ConfigurableTask"
     assert isinstance(next(iter(task_dict.values())), dict)  # a group nests its tasks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighted, expected", [(False, (0.5 + 1.0) / 2), (True, (0.5 * 2 + 1.0 * 6) / 8)])
+def test_group_scores_aggregates_a_groups_tasks_by_its_config(smoke_questions, tmp_path, monkeypatch,
+                                                              weighted, expected):
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    monkeypatch.chdir(smoke_questions.parent)  # the tasks' data_files is relative
+    (tmp_path / "vtc_copy.yaml").write_text(f"include: {TASKS}/vtc_smoke/vtc_smoke_mc.yaml\ntask: vtc_copy_mc\n")
+    (tmp_path / "group.yaml").write_text(
+        "group: vtc_contract_group\ntask:\n  - vtc_smoke_mc\n  - vtc_copy_mc\naggregate_metric_list:\n"
+        f"  - metric: accuracy\n    aggregation: mean\n    weight_by_size: {str(weighted).lower()}\n")
+    task_dict = get_task_dict(["vtc_contract_group"], TaskManager(verbosity="ERROR", include_path=[str(TASKS), str(tmp_path)]))
+    per_task = {"vtc_smoke_mc": {"alias": "vtc_smoke_mc", "accuracy,none": 0.5, "accuracy_stderr,none": "N/A", "samples": 2},
+                "vtc_copy_mc": {"alias": "vtc_copy_mc", "accuracy,none": 1.0, "accuracy_stderr,none": "N/A", "samples": 6}}
+    merged = group_scores(per_task, task_dict)
+    assert merged["vtc_contract_group"]["accuracy,none"] == pytest.approx(expected)
+    assert merged["vtc_smoke_mc"]["accuracy,none"] == 0.5  # the leaves as given
 
 
 def test_is_mean_recognises_the_registered_mean_only(smoke_task):

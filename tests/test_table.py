@@ -58,7 +58,7 @@ def test_setup_notes_name_what_the_scores_are():
                                             caveats=("SMOKE: random model",))]))
     assert any("Setup: synthetic task, trained micro model" in n for n in notes)
     assert any(n.startswith("SMOKE setup") for n in notes)
-    assert any("question type (task.breakdown)" in n for n in notes)
+    assert any("question type or by its tasks (task.breakdown)" in n for n in notes)
     assert not any("task.breakdown" in n for n in footnotes(runs_frame([summary("none", "", 99.0, 1.0)])))
 
 

@@ -2,6 +2,8 @@
 
 A task is lmms_eval's own (videomme, mlvu, ...) or a local YAML directory (harness/data/lmms_tasks,
 via `TaskManager(include_path=...)`); built-in names win clashes, so local tasks carry a vtc_ prefix.
+A task may be an lmms_eval group (mvbench): its leaf tasks run together in one run, and the group
+itself is kept (`Tasks.task_dict`) so that the summary scores it by lmms_eval's own group code.
 Data that is neither on disk nor downloadable ends in one error saying where it was expected and
 how to get it, never in zero scores.
 """
@@ -33,8 +35,18 @@ def prepare_task_data(task) -> None:
         getattr(importlib.import_module(module), function)(task.data_dir)
 
 
-def load_tasks(task) -> dict:
-    """lmms_eval Task objects of a TaskConf, with its overrides applied."""
+class Tasks(dict):
+    """name -> lmms_eval Task of every leaf task of a TaskConf (one, or a group's tasks), in
+    lmms_eval's order; `task_dict` is `get_task_dict`'s result, groups and their configs kept."""
+
+    def __init__(self, task_dict: dict):
+        super().__init__(leaf_tasks(task_dict))
+        self.task_dict = task_dict
+
+
+def load_tasks(task) -> Tasks:
+    """lmms_eval Task objects of a TaskConf, with its overrides applied (for a group: the group
+    config's fields, e.g. aggregate_metric_list, to the group, the others to each of its tasks)."""
     from lmms_eval.tasks import TaskManager, get_task_dict
 
     # lmms_eval's task modules read HF_HOME (where the videos are), the judge's model name etc.
@@ -48,16 +60,26 @@ def load_tasks(task) -> dict:
                           + (f" (also searched {include})" if include else ""))
     spec = {"task": task.lmms_task, **task.overrides}
     try:
-        return dict(leaf_tasks(get_task_dict([spec], manager)))
+        return Tasks(get_task_dict([spec], manager))
     except Exception as err:
         cause = _root_cause(err)
         if not _is_missing_data(cause):
             raise
         try:
-            config = {**task_config(manager, task.lmms_task), **spec}
-        except (KeyError, AttributeError, TypeError):  # only for the message: never hide the cause
+            config = _message_config(manager, task.lmms_task, spec)
+        except (KeyError, AttributeError, TypeError, IndexError):  # only for the message: never hide the cause
             config = spec
         raise ConfigError(_missing_data_message(task, config, cause)) from err
+
+
+def _message_config(manager, name: str, spec: dict) -> dict:
+    """The config that names a task's dataset; for a group, its first task's, with the number of
+    the group's tasks (each reads its own config of the dataset)."""
+    config = task_config(manager, name)
+    if "group" not in config:
+        return {**config, **spec}
+    first = config["task"][0]
+    return {**task_config(manager, first), **spec, "dataset_name": None, "group_size": len(config["task"])}
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -77,15 +99,20 @@ def _is_missing_data(err: BaseException) -> bool:
 
 def _missing_data_message(task, config: dict, cause: BaseException) -> str:
     path, name = config.get("dataset_path"), config.get("dataset_name")
-    cache = (config.get("dataset_kwargs") or {}).get("cache_dir")
+    kwargs = config.get("dataset_kwargs") or {}
+    cache, revision = kwargs.get("cache_dir"), kwargs.get("revision")
     videos = os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), cache) if cache else None
-    what = (f"task={task.name}: the data of lmms_eval task {task.lmms_task} is not on disk: "
-            f"dataset {path}" + (f" (config {name})" if name else "")
+    group = config.get("group_size")
+    what = (f"task={task.name}: the data of lmms_eval "
+            + (f"group {task.lmms_task} ({group} tasks, one config each)" if group else f"task {task.lmms_task}")
+            + f" is not on disk: dataset {path}" + (f" (config {name})" if name else "")
+            + (f" (revision {revision})" if revision else "")
             + (f", videos expected under {videos}" if videos else "")
             + f" ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}). ")
     if not isinstance(path, str) or os.path.isabs(path) or path in ("json", "csv", "parquet", "text"):
         return what + "Check the task's dataset_path / data_files (task.overrides)."
     return what + (f"Get it on a connected machine with the same HF_HOME: run this task once there "
-                   f"(lmms_eval downloads and unpacks it), or `hf download --repo-type dataset {path}` "
+                   f"(lmms_eval downloads and unpacks it), or `hf download --repo-type dataset {path}"
+                   + (f" --revision {revision}" if revision else "") + "` "
                    f"and unpack its video archives under {videos or '$HF_HOME'}; then set HF_HOME "
                    f"(or task.env.HF_HOME) to that directory here.")

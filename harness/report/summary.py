@@ -1,7 +1,14 @@
-"""From lmms_eval's results and the per-sample records to a run summary and its one-line form."""
+"""From lmms_eval's results and the per-sample records to a run summary and its one-line form.
+
+A task that is an lmms_eval group (MVBench) runs as its leaf tasks: its score is the group's own
+aggregate, computed from the leaves' results by lmms_eval's group code with the group's config, and
+`task.breakdown: lmms_task` scores it per leaf task.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -12,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import ConfigError
-from harness.lmms_compat import is_mean
+from harness.lmms_compat import group_scores, is_mean
 from harness.run.rundir import RunDir
 
 TIMINGS = ("vision", "compressor", "prefill", "decode", "ttft")
+LEAF_TASKS = "lmms_task"  # task.breakdown of a group: a score per leaf task (not a document field)
 
 
 def to_100(value: float, scale: float, where: str) -> float:
@@ -37,6 +45,50 @@ def metric_value(results: dict, task: str, metric: str) -> tuple[str, float]:
     return keys[0], per_task[keys[0]]
 
 
+def leaf_names(task, tasks) -> list[str]:
+    """The lmms_eval tasks whose samples a run has: its task, or the leaf tasks of its group."""
+    return list(tasks) if tasks and task.lmms_task not in tasks else [task.lmms_task]
+
+
+def with_group_scores(results: dict, task, tasks) -> dict:
+    """lmms_eval's results per task, with the aggregate of the run's group when its task is one:
+    the leaf tasks are evaluated on their own, so lmms_eval's evaluator reports no group; its
+    group code (lmms_compat.group_scores) computes it here from the leaves' results and the
+    group's config (its aggregate_metric_list) as it does for a group it evaluates."""
+    per_task = results["results"]
+    if leaf_names(task, tasks) == [task.lmms_task] or task.lmms_task in per_task:
+        return per_task
+    per_task = copy.deepcopy(per_task)
+    for leaf, counts in results.get("n-samples", {}).items():  # each leaf's size, as lmms_eval has it
+        if leaf in per_task:
+            per_task[leaf].setdefault("samples", counts["effective"])
+    merged = group_scores(per_task, tasks.task_dict)
+    if not any("," in k for k in merged.get(task.lmms_task, {})):
+        raise ConfigError(f"task.lmms_task={task.lmms_task}: lmms_eval's group config declares no "
+                          "aggregate of its tasks' scores; give it one in "
+                          "task.overrides.aggregate_metric_list (see conf/task/mvbench.yaml)")
+    return dict(merged)
+
+
+def _group_value(tasks, group: str, key: str, per_leaf: dict[str, tuple[object, int]]):
+    """The group's aggregate of given leaf values (value, sample count), by lmms_eval's group code."""
+    metric, _, filter_key = key.partition(",")
+    per_task = {leaf: {"alias": leaf, key: value, f"{metric}_stderr,{filter_key}": "N/A", "samples": n}
+                for leaf, (value, n) in per_leaf.items()}
+    return group_scores(per_task, tasks.task_dict)[group][key]
+
+
+@contextlib.contextmanager
+def _quiet_lmms_eval():
+    from loguru import logger  # lmms_eval's aggregations log every call
+
+    logger.disable("lmms_eval")
+    try:
+        yield
+    finally:
+        logger.enable("lmms_eval")
+
+
 def bootstrap_ci(values, statistic=None, iters: int = 1000, seed: int = 0) -> list[float] | None:
     """95 % percentile bootstrap interval of `statistic` (default: the mean) over samples.
 
@@ -50,14 +102,31 @@ def bootstrap_ci(values, statistic=None, iters: int = 1000, seed: int = 0) -> li
     if statistic is None:
         stats = np.asarray(values, dtype=float)[draws].mean(1)
     else:
-        from loguru import logger  # lmms_eval's aggregations log every call
-
-        logger.disable("lmms_eval")
-        try:
+        with _quiet_lmms_eval():
             stats = np.array([statistic([values[i] for i in draw]) for draw in draws])
-        finally:
-            logger.enable("lmms_eval")
     return [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
+
+
+def stratified_bootstrap_ci(strata: dict[str, list], statistic, iters: int = 1000,
+                            seed: int = 0) -> list[float] | None:
+    """95 % percentile bootstrap interval of `statistic` ({stratum: its resampled values} -> a
+    number), each stratum resampled within itself (a group's score: each leaf task keeps its size)."""
+    if sum(len(v) for v in strata.values()) < 2 or any(not v for v in strata.values()):
+        return None
+    rng = np.random.default_rng(seed)
+    draws = {name: rng.integers(0, len(v), size=(iters, len(v))) for name, v in strata.items()}
+    with _quiet_lmms_eval():
+        stats = np.array([statistic({name: [v[i] for i in draws[name][it]] for name, v in strata.items()})
+                          for it in range(iters)])
+    return [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
+
+
+def _aggregation(task_obj, metric: str):
+    """The task's own lmms_eval aggregation of `metric` (one that may write files gets args=None)."""
+    aggregate = task_obj.aggregation().get(metric) if task_obj is not None else None
+    if aggregate is not None and "args" in inspect.signature(aggregate).parameters:
+        aggregate = functools.partial(aggregate, args=None)
+    return aggregate
 
 
 def score_ci(task, seed: int, task_obj, key: str, per_sample: list) -> list[float] | None:
@@ -71,11 +140,30 @@ def score_ci(task, seed: int, task_obj, key: str, per_sample: list) -> list[floa
                             seed=seed)
     if aggregate is None:
         return None
-    if "args" in inspect.signature(aggregate).parameters:  # aggregations that may write files
-        aggregate = functools.partial(aggregate, args=None)
+    aggregate = _aggregation(task_obj, task.metric)
     try:
         return bootstrap_ci(per_sample, lambda vs: to_100(aggregate(vs), task.scale, where),
                             seed=seed)
+    except (AttributeError, TypeError) as err:  # it needs lmms_eval's CLI arguments: no CI
+        print(f"note: no confidence interval for {where}: its aggregation cannot be re-run "
+              f"outside lmms_eval ({type(err).__name__}: {err})", file=sys.stderr)
+        return None
+
+
+def group_score_ci(task, seed: int, tasks, key: str, per_leaf: dict[str, list]) -> list[float] | None:
+    """A group's score's 95 % CI on 0-100: each leaf's per-sample records resampled within the
+    leaf, scored by the leaf's own aggregation, then the group's aggregate by lmms_eval's code."""
+    where = f"{task.lmms_task}.{key}"
+    aggregates = {leaf: _aggregation(tasks[leaf], task.metric) for leaf in per_leaf}
+    if any(a is None for a in aggregates.values()):
+        return None
+
+    def statistic(draw: dict[str, list]) -> float:
+        values = {leaf: (aggregates[leaf](vs), len(vs)) for leaf, vs in draw.items()}
+        return to_100(_group_value(tasks, task.lmms_task, key, values), task.scale, where)
+
+    try:
+        return stratified_bootstrap_ci(per_leaf, statistic, seed=seed)
     except (AttributeError, TypeError) as err:  # it needs lmms_eval's CLI arguments: no CI
         print(f"note: no confidence interval for {where}: its aggregation cannot be re-run "
               f"outside lmms_eval ({type(err).__name__}: {err})", file=sys.stderr)
@@ -116,15 +204,19 @@ def caveats(model, task) -> list[str]:
     return [n for n in notes if n]
 
 
-def breakdown(task, seed: int, logged: list[dict]) -> dict | None:
+def breakdown(task, seed: int, logged: list[dict], task_obj=None) -> dict | None:
     """Score, 95 % CI and count per value of the document field `task.breakdown` (e.g. the
-    synthetic task's question kind), from lmms_eval's logged samples; None without a breakdown."""
+    synthetic task's question kind), from lmms_eval's logged samples; None without a breakdown.
+    A metric that is a number per sample is averaged per value; one that is a record per sample
+    (LongVideoBench's) is scored per value by the task's own aggregation (`task_obj`'s)."""
     from harness.lmms_compat import logged_doc
 
     field = task.breakdown
     if not field:
         return None
-    groups: dict[str, list[float]] = {}
+    aggregate = _aggregation(task_obj, task.metric)
+    groups: dict[str, list] = {}
+    records = False
     for sample in logged:
         doc = logged_doc(sample)
         if field not in doc:
@@ -132,11 +224,37 @@ def breakdown(task, seed: int, logged: list[dict]) -> dict | None:
                               f"{task.lmms_task} has no field {field!r}")
         value = sample.get(task.metric)
         if not isinstance(value, (int, float)):
-            raise ConfigError(f"task.breakdown={field}: the metric {task.metric} is not a number "
-                              "per sample, so it cannot be broken down by a document field")
-        groups.setdefault(str(doc[field]), []).append(to_100(float(value), task.scale, task.lmms_task))
+            if aggregate is None:
+                raise ConfigError(f"task.breakdown={field}: the metric {task.metric} is not a number "
+                                  "per sample, so it cannot be broken down by a document field")
+            records = True
+        groups.setdefault(str(doc[field]), []).append(value)
+    if records:  # the task's own aggregation on each value's samples
+        return {group: {"score": _aggregate_100(aggregate, values, task),
+                        "score_ci95": score_ci(task, seed, task_obj, task.metric, values),
+                        "n": len(values)} for group, values in groups.items()}
+    groups = {g: [to_100(float(v), task.scale, task.lmms_task) for v in vs] for g, vs in groups.items()}
     return {group: {"score": statistics.fmean(values), "score_ci95": bootstrap_ci(values, seed=seed),
                     "n": len(values)} for group, values in groups.items()}
+
+
+def _aggregate_100(aggregate, values: list, task) -> float:
+    with _quiet_lmms_eval():
+        return to_100(aggregate(values), task.scale, task.lmms_task)
+
+
+def by_leaf_task(task, seed: int, tasks, per_task: dict, key: str, per_leaf: dict[str, list]) -> dict:
+    """Score (lmms_eval's own, of each leaf task), 95 % CI and count per leaf task of a group
+    (task.breakdown: lmms_task), named without the group's prefix (mvbench_action_sequence ->
+    action_sequence)."""
+    if leaf_names(task, tasks) == [task.lmms_task]:
+        raise ConfigError(f"task.breakdown={LEAF_TASKS}: {task.lmms_task} is one lmms_eval task, "
+                          "not a group of tasks to break its score down by")
+    prefix = f"{task.lmms_task}_"
+    return {(leaf[len(prefix):] if leaf.startswith(prefix) else leaf): {
+        "score": to_100(per_task[leaf][key], task.scale, f"{leaf}.{key}"),
+        "score_ci95": score_ci(task, seed, tasks[leaf], key, per_leaf[leaf]),
+        "n": len(per_leaf[leaf])} for leaf in per_leaf}
 
 
 def setting_of(model, task) -> str:
@@ -181,13 +299,24 @@ def summarize(model, task_conf, choice, seed: int, results_dir: Path, knobs: dic
     the run's ModelConf and TaskConf; choice: its MethodChoice; throughput: the request loop's, for
     the samples this invocation computed)."""
     task = task_conf.lmms_task
-    records = [r for r in run_dir.samples() if r["task"] == task]
+    leaves = leaf_names(task_conf, tasks)  # [task], or a group's leaf tasks
+    records = [r for r in run_dir.samples() if r["task"] in leaves]
     ok = [r for r in records if r.get("status") == "ok"]
-    key, native = metric_value(results, task, task_conf.metric)
-    logged = results.get("samples", {}).get(task, [])
+    per_task = with_group_scores(results, task_conf, tasks)
+    key, native = metric_value({"results": per_task}, task, task_conf.metric)
+    per_leaf = {leaf: results.get("samples", {}).get(leaf, []) for leaf in leaves}
+    logged = [s for leaf in leaves for s in per_leaf[leaf]]
     per_sample = [s.get(task_conf.metric) for s in logged]
-    ci = score_ci(task_conf, seed, tasks.get(task), key, per_sample)
-    mismatched = live_score_mismatches(records, logged, task_conf.metric)
+    values = {leaf: [s.get(task_conf.metric) for s in per_leaf[leaf]] for leaf in leaves}
+    if leaves == [task]:
+        ci = score_ci(task_conf, seed, tasks.get(task), key, per_sample)
+        mismatched = live_score_mismatches(records, logged, task_conf.metric)
+    else:  # a group: doc ids are per leaf task
+        ci = group_score_ci(task_conf, seed, tasks, key, values)
+        mismatched = [f"{leaf}/{doc_id}" for leaf in leaves for doc_id in live_score_mismatches(
+            [r for r in records if r["task"] == leaf], per_leaf[leaf], task_conf.metric)]
+    score_by = (by_leaf_task(task_conf, seed, tasks, per_task, key, values) if task_conf.breakdown == LEAF_TASKS
+                else breakdown(task_conf, seed, logged, tasks.get(task)))
     if mismatched:
         print(f"warning: {len(mismatched)} per-sample scores written as samples completed differ from "
               f"lmms_eval's final scoring (doc ids {mismatched[:10]}); the summary uses lmms_eval's",
@@ -209,7 +338,7 @@ def summarize(model, task_conf, choice, seed: int, results_dir: Path, knobs: dic
         "metric": key, "metric_native": native, "scale": task_conf.scale, "judge": task_conf.judge,
         "chance": task_conf.chance,
         "score": to_100(native, task_conf.scale, f"{task}.{key}"), "score_ci95": ci,
-        "breakdown_field": task_conf.breakdown, "score_by": breakdown(task_conf, seed, logged),
+        "breakdown_field": task_conf.breakdown, "score_by": score_by,
         "n_samples": len(per_sample) or len(records), "n_failed": len(records) - len(ok),
         "failed": [{"key": r["key"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
         "live_score_mismatches": mismatched,

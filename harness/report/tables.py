@@ -80,14 +80,16 @@ def runs_frame(summaries: list[dict]) -> pd.DataFrame:
 
 
 def stage_of(summary: dict) -> str:
-    """Where a run's method acts, e.g. "visual", "prefill", "visual+decode" ("-" for `none`)."""
+    """Where a run's method acts, e.g. "encoder", "visual", "visual+decode" ("-" for `none`)."""
     stages = summary.get("stages")
     if stages is None:  # a summary from before stages were recorded
         import methods
 
         name = summary["method"].split("+")[0]
         stages = sorted(methods.REGISTRY[name].stages) if name in methods.known() else []
-    stages = [s for s in ("visual", "prefill", "decode") if s in stages]
+    from methods.core.base import STAGES
+
+    stages = [s for s in STAGES if s in stages]
     return "-" if summary["method"] == "none" else "+".join(stages) or "-"
 
 
@@ -202,7 +204,7 @@ def footnotes(df: pd.DataFrame) -> list[str]:
                          if "synthetic" in setup else f"Setup: {setup}.")
     if (~df["whole"]).any():
         notes.append("Columns 'benchmark: group' break a benchmark down by its documents' "
-                     "question type (task.breakdown); Avg. is over whole benchmarks.")
+                     "question type or by its tasks (task.breakdown); Avg. is over whole benchmarks.")
     return notes
 
 

@@ -53,13 +53,21 @@ def calibration_size(size: int, limit: int | None) -> int:
 
 
 def _documents(tasks: dict, size: int):
+    """The first `size` documents, taken in turn from each task (a group's tasks, e.g. MVBench's 20,
+    all calibrate it, not the first one alone): first documents first, so that every one is
+    evaluated when `task.limit` (applied per task) is smaller than `size`."""
+    queues = [(task, iter(task.eval_docs)) for task in tasks.values()]
     count = 0
-    for task in tasks.values():
-        for doc in task.eval_docs:
+    while queues and count < size:
+        for entry in list(queues):
+            doc = next(entry[1], None)
+            if doc is None:
+                queues.remove(entry)
+                continue
             if count == size:
                 return
             count += 1
-            yield task, doc
+            yield entry[0], doc
 
 
 def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: bool,
@@ -69,7 +77,8 @@ def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: b
     texts, full, visual = [], [], []
     for task, doc in _documents(tasks, size):
         path = task.doc_to_visual(doc)[0]
-        try:
+        try:  # the text besides the video tokens (a family's text between frames read from the file)
+            text = adapter.text_tokens(adapter.prompt_ids(task.doc_to_text(doc))[0], (path, frames))
             if need_visual:
                 encoded = encode_file(adapter, path, frames, needs, cache)
                 question = (adapter.question_embeddings(task.doc_to_text(doc)) if "question" in needs else None)
@@ -80,7 +89,7 @@ def calibration_set(adapter, tasks: dict, size: int, frames: int, need_visual: b
         except VideoError as err:
             log.warning("calibration skips a video: %s", err)
             continue
-        texts.append(adapter.text_tokens(adapter.prompt_ids(task.doc_to_text(doc))[0]))
+        texts.append(text)
     if not texts:
         raise ConfigError("retention targeting found no usable document in the task to calibrate on")
     return CalibrationSet(texts, full, visual if need_visual else None)
@@ -117,7 +126,7 @@ def layer_states(adapter, compressor: Compressor, tasks: dict, size: int, frames
         length = adapter.prefix_length(prompt)
         try:
             decoder.prefill(adapter.llm, prompt.embeds[:, :length], prompt.positions[..., :length], prompt.span,
-                            Capture(), use_cache=False)
+                            Capture(), use_cache=False, video_mask=prompt.video_mask, deepstack=prompt.deepstack)
         except _Captured as captured:
             out.append((captured.args[0], tuple(prompt.run.grid)))
     return out
@@ -164,7 +173,7 @@ def bisect_knob(measure, low: float, high: float, target: float, increasing: boo
     `increasing`), until within `precision` of the target; returns (value, achieved, trace)."""
     trace = []
     r_low, r_high = measure(low), measure(high)
-    trace += [(low, r_low), (high, r_high)]
+    trace += [[low, r_low], [high, r_high]]  # lists: the trace reads back from JSON the same
     lo_r, hi_r = min(r_low, r_high), max(r_low, r_high)
     if not lo_r - TOLERANCE <= target <= hi_r + TOLERANCE:
         raise ConfigError(f"retention={target}: unreachable on this task; {what} reaches "
@@ -175,8 +184,8 @@ def bisect_knob(measure, low: float, high: float, target: float, increasing: boo
             break
         mid = (low + high) / 2
         r_mid = measure(mid)
-        trace.append((mid, r_mid))
-        best = min(best, (mid, r_mid), key=lambda t: abs(t[1] - target))
+        trace.append([mid, r_mid])
+        best = min(best, [mid, r_mid], key=lambda t: abs(t[1] - target))
         low, high = (mid, high) if (r_mid < target) == increasing else (low, mid)
     if abs(best[1] - target) > TOLERANCE:
         raise ConfigError(f"retention={target}: the closest achievable mean retention is "
@@ -277,11 +286,32 @@ def check_reachable(compressor: Compressor, target: float, adapter, tasks: dict,
     error as a calibrated knob's when the target lies below what the stage keeps at its knob's lowest
     setting (a per-frame or per-video floor of at least one token), naming the reachable range."""
     spec = compressor.retention_knob
+    if spec is not None and spec.direct and compressor.has("encoder") and not compressor.composite:
+        return encoder_reachable(compressor, target, adapter.vision_shape)
     if spec is None or not spec.direct or not compressor.has("visual") or spec.measure != "rho_tok" \
             or compressor.composite:
         return
     reachable(compressor, target, calibration_set(adapter, tasks, size, frames, True, compressor.needs,
                                                   feature_cache))
+
+
+def encoder_reachable(compressor: Compressor, target: float, vision) -> None:
+    """An encoder-stage method's planned tokens per frame (its plan on the model's encoder, `vision`:
+    methods.core.flops.VisionShape) against the target share of the model's own tokens per frame: the
+    same "unreachable" error where the encoder's depth cannot merge down to it (a shallow encoder)."""
+    spec = compressor.retention_knob
+
+    def share(value: float) -> float:
+        policy = compressor.with_knob(spec.knob, value).encoder_policy(vision)
+        return (policy.layer_tokens[-1][1] if policy.merging else vision.tokens) / vision.tokens
+
+    achieved = share(target)
+    if abs(achieved - target) > TOLERANCE:
+        low, _ = compressor.knob_range(spec.knob)
+        raise ConfigError(f"retention={target}: unreachable on this model; {compressor.title} keeps "
+                          f"{100 * achieved:.2f}% of the {vision.tokens} tokens per frame there and at least "
+                          f"{100 * share(low):.2f}% ({vision.layers} encoder layers, each merging at most "
+                          "half of its tokens)")
 
 
 def reachable(compressor: Compressor, target: float, data: CalibrationSet) -> None:

@@ -47,13 +47,15 @@ class TaskConf:
     overrides: Dict[str, Any] = field(default_factory=dict)  # task-config fields to override
     generator: Optional[str] = None  # "module:function" that writes the task's data if missing
     data_dir: Optional[str] = None  # where the generator writes
-    limit: Optional[int] = None  # evaluate only the first N samples
+    limit: Optional[int] = None  # evaluate only the first N samples (of each task of a group)
     live_score: bool = True  # score each sample as it completes (off for API-judged tasks)
     required_env: List[str] = field(default_factory=list)  # e.g. an API key for a judge
     env: Dict[str, str] = field(default_factory=dict)  # set before the task loads (HF_HOME, ...)
     judge: Optional[str] = None  # the model that scores answers (GPT-judged tasks); recorded
     caveat: Optional[str] = None  # what the task is, shown beside its scores ("synthetic task")
-    breakdown: Optional[str] = None  # a document field that scores are also reported by (per kind)
+    # scores are also reported per value of a document field (kind, duration group) or, for an
+    # lmms_eval group, per leaf task ("lmms_task": MVBench's 20 tasks)
+    breakdown: Optional[str] = None
     calibration_size: int = 32  # documents used to calibrate a knob to a target retention
     chance: Optional[float] = None  # the score of guessing (0-100), shown beside scores; null: open-ended
 
