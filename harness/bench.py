@@ -20,7 +20,8 @@ set directly or searched on the bench videos (as `retention=` does in a run).
 Per method: vision, compressor, prefill, TTFT (call to first token) and decode per token (medians
 over videos x repeats after one warm-up, CUDA events on a GPU, perf_counter on CPU); peak memory
 (CUDA max_memory_allocated; CPU the peak RSS above the start of the answer, sampled every 2 ms);
-analytic FLOPs of the vision encoder, of the compressor where modelled, and of the LLM prefill; and
+analytic FLOPs of the vision encoder (each layer at its tokens under an encoder-stage method such as
+ToMe), of the compressor where modelled, and of the LLM prefill; and
 the ratios to `none` measured in the same run: prefill and TTFT speedup, memory ratio, and the
 compressor's time as a share of the prefill time it saves. `--out DIR` writes bench.csv, bench.md
 and speedup_vs_retention.png there.
@@ -40,6 +41,7 @@ import pandas as pd
 import torch
 
 from harness.models.base import VideoLLM
+from methods.core.base import encoder_stage
 from methods.core.flops import LLMShape, prefill_flops
 
 DEFAULT_METHODS = ["none", "scissor", "fastv", "topk", "uniform", "pllava", "visionzip", "dycoke", "vidcom2",
@@ -147,11 +149,20 @@ def measure(adapter: VideoLLM, compressor, pixels, repeats: int, max_new_tokens:
         **{f"{k} ms": 1000 * v for k, v in med.items() if k != "decode"},
         "decode ms/token": 1000 * med["decode"] / steps if steps else float("nan"),
         "peak MB": statistics.median(memory) / 2**20,
-        "vision TFLOPs": adapter.vision_flops(run.frames, run.grid) / 1e12,
+        "vision TFLOPs": vision_flops(adapter, compressor, run) / 1e12,
         "compressor GFLOPs": compressor_flops / 1e9 if compressor_flops is not None else float("nan"),
         "prefill TFLOPs": prefill_flops(run.text_tokens, run.layer_video_tokens, shape,
                                         run.layer_mlp_video_tokens) / 1e12,
     }
+
+
+def vision_flops(adapter: VideoLLM, compressor, run) -> float:
+    """The vision encoder's FLOPs for this run; an encoder-stage method (ToMe) shrinks the encoder's
+    own work, counted layer by layer by the adapter (only a family running that stage is asked)."""
+    encoder = encoder_stage(compressor.needs)
+    if encoder is None:
+        return adapter.vision_flops(run.frames, run.grid)
+    return adapter.vision_flops(run.frames, run.grid, encoder=encoder)
 
 
 def with_ratios(rows: list[dict]) -> pd.DataFrame:
@@ -340,7 +351,7 @@ def main(argv=None) -> int:
         args.video_dir = generate(Path(os.environ.get("VTC_CACHE", ".cache")) / "data" / "vtc_synthetic").parent / "videos"
     videos = sorted(args.video_dir.glob("*.mp4"))[: args.videos]
     pixels = [adapter.load_video(str(v), args.frames) for v in videos]
-    text = adapter.text_tokens(adapter.prompt_ids(QUESTION)[0])
+    text = adapter.text_tokens(adapter.prompt_ids(QUESTION)[0], pixels[0])  # (+ Qwen3-VL's timestamps)
     rows = []
     for spec in args.methods:
         has_knobs = ":" in spec or "+" in spec

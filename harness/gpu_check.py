@@ -102,7 +102,7 @@ def host_syncs(args) -> dict:
     question = "Which way does the white square move?\nA. left\nB. right\nC. up\nD. down"
     encoded = {frozenset(): adapter.encode_video(pixels)}
     full = encoded[frozenset()].visual.features.shape[0] * encoded[frozenset()].visual.features.shape[1]
-    text = adapter.text_tokens(adapter.prompt_ids(question)[0])
+    text = adapter.text_tokens(adapter.prompt_ids(question)[0], pixels)
     counts = {}
     for spec in DEFAULT_METHODS:
         try:

@@ -1,10 +1,16 @@
-"""A stack of methods: a visual-stage method in front of a prefill- and/or decode-stage method.
+"""A stack of methods: an encoder- and/or visual-stage method in front of a prefill- and/or
+decode-stage method.
 
 Machinery of this harness (no paper, no official code), used as
-`+method=pipeline method.stages=[visionzip,fastv]`; the stages a method can act in are
-`methods.core.base.STAGES`. Each part keeps its own knobs (`method.fastv.keep=0.3`); the stack acts
-in the union of its parts' stages, one part per stage, the visual one first. A requested `retention=`
-sets the knob of the last part that takes one, searched so that the whole stack reaches it.
+`+method=pipeline method.stages=[visionzip,fastv]` or `method.stages=[tome,fastv]`; the stages a method
+can act in are `methods.core.base.STAGES`. Each part keeps its own knobs (`method.fastv.keep=0.3`); the
+stack acts in the union of its parts' stages, one part per stage, in the order they act: the encoder
+one first, then the visual one. A requested `retention=` sets the knob of the last part that takes one,
+searched so that the whole stack reaches it; a stack with an encoder stage takes no `retention=` (the
+search measures the visual stage on encoded features and does not model merging inside the encoder:
+set each part's knob). A part that merges inside the encoder leaves no patch grid, so it does not
+stack with a part that needs the encoder's patch scores or states, and a visual part after it sees each
+frame's merged tokens as a (1, k) grid (a spatial pooling then pools along that row).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from methods import register
-from methods.core.base import Compressor
+from methods.core.base import ENCODER_NEEDS, Compressor
 
 
 @register
@@ -61,18 +67,26 @@ class Pipeline(Compressor):
                     raise ValueError(f"pipeline.stages: {owner[stage]} and {part.name} both act in the "
                                      f"{stage} stage; a pipeline has one method per stage")
                 owner[stage] = part.name
-        if "visual" in owner and parts[0].name != owner["visual"]:
-            raise ValueError(f"pipeline.stages: the visual-stage method ({owner['visual']}) must come "
-                             "first: it acts before the LLM")
+        leading = [owner[stage] for stage in ("encoder", "visual") if stage in owner]
+        if [p.name for p in parts[:len(leading)]] != leading:
+            what = " then ".join(f"the {stage}-stage method ({owner[stage]})" for stage in ("encoder", "visual")
+                                 if stage in owner)
+            raise ValueError(f"pipeline.stages: {what} must come first: "
+                             f"{'they act' if len(leading) > 1 else 'it acts'} before the LLM")
+        if "encoder" in owner:
+            grid_needs = [p.name for p in parts if set(p.needs) & ENCODER_NEEDS]
+            if grid_needs:
+                raise ValueError(f"pipeline.stages: {owner['encoder']} merges tokens inside the vision encoder, "
+                                 f"so there are no patch scores or states for {', '.join(grid_needs)}")
         self.parts = list(parts)
         self.stages = frozenset(owner)
         self._owner = {stage: next(p for p in parts if p.name == name) for stage, name in owner.items()}
-        self.needs = frozenset().union(*(p.needs for p in parts))
+        self.needs = frozenset().union(*(p.needs for p in parts))  # an encoder part's EncoderStage too
         tuned = [p for p in parts if p.retention_knob is not None]
         # the whole stack's retention is measured, so even a direct knob is searched
         self.retention_knob = (dataclasses.replace(tuned[-1].retention_knob, direct=False,
                                                    knob=f"{tuned[-1].name}.{tuned[-1].retention_knob.knob}")
-                               if tuned else None)
+                               if tuned and "encoder" not in owner else None)
 
     def held_knobs(self) -> str:
         """The knobs of the parts a retention search does not move, as `name k=v,...` (for its
@@ -93,6 +107,9 @@ class Pipeline(Compressor):
     @property
     def shares_prefix(self) -> bool:
         return all(p.shares_prefix for p in self.parts)
+
+    def encoder_policy(self, vision):
+        return self._owner["encoder"].encoder_policy(vision)
 
     def compress(self, x):
         return self._owner["visual"].compress(x)

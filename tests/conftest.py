@@ -78,6 +78,20 @@ def qwen(qwen_model_dir):
 
 
 @pytest.fixture(scope="session")
+def qwen3(cache_dir):
+    """The small random Qwen3-VL of conf/model/qwen3_vl_small.yaml (seeded weights, float32, CPU),
+    shared by every test of the session."""
+    import yaml
+
+    from harness.models.qwen3_vl import Qwen3_VL
+    from harness.models.random_weights import random_model_dir
+
+    arch = yaml.safe_load((CONF / "model" / "qwen3_vl_small.yaml").read_text())["arch"]
+    return Qwen3_VL(str(random_model_dir(cache_dir / "models", "qwen3_vl_small", arch, seed=0, family="qwen3_vl")),
+                    device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_llava(tiny_model_dir):
     """The tiny LLaVA-OneVision's adapter, shared by the tests that run both families."""
     from harness.models.llava_onevision import LlavaOneVision

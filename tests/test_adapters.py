@@ -1,5 +1,6 @@
-"""The model-adapter interface (harness/models/base.py), exercised by both families with the same
-tests: the tiny LLaVA-OneVision and the small random Qwen2.5-VL (conf/model/qwen2_5_vl_small.yaml).
+"""The model-adapter interface (harness/models/base.py), exercised by every family with the same
+tests: the tiny LLaVA-OneVision, the small random Qwen2.5-VL (conf/model/qwen2_5_vl_small.yaml) and
+the small random Qwen3-VL (conf/model/qwen3_vl_small.yaml).
 
 For each: `none` through the shared decoder driver equals calling the stock transformers model
 directly (exactly, float32), cached decoding follows the full recompute, the log-likelihood is the
@@ -19,9 +20,9 @@ QUESTION = "What colour is the moving square?\nA. red\nB. blue"
 FRAMES = 4
 
 
-@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl"])
-def family(request, tiny_llava, qwen, smoke_questions):
-    adapter = {"llava_onevision": tiny_llava, "qwen2_5_vl": qwen}[request.param]
+@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl", "qwen3_vl"])
+def family(request, tiny_llava, qwen, qwen3, smoke_questions):
+    adapter = {"llava_onevision": tiny_llava, "qwen2_5_vl": qwen, "qwen3_vl": qwen3}[request.param]
     path = str(smoke_questions.parent / "videos" / "clip_003.mp4")
     return request.param, adapter, path, adapter.load_video(path, FRAMES)
 
@@ -37,19 +38,26 @@ def stock_inputs(name, adapter, ids, video):
     t, gh, gw = video.grid_thw
     n = t * gh * gw // 4
     full = torch.tensor([ids[:where] + [adapter.video_token_id] * n + ids[where + 1:]])
+    if name == "qwen3_vl":  # a timestamp and markers around each frame's tokens (the processor's
+        # prompt, which tests/test_qwen3_vl.py proves equal to this layout)
+        encoded = adapter.encode_video(video)
+        full = torch.tensor([adapter.layout(ids, adapter.compress(encoded, methods.build("none")).tokens, encoded)[0]])
+        return {"input_ids": full, "pixel_values_videos": video.pixels, "video_grid_thw": torch.tensor([video.grid_thw]),
+                "mm_token_type_ids": (full == adapter.video_token_id).int() * 2}
     return {"input_ids": full, "pixel_values_videos": video.pixels, "video_grid_thw": torch.tensor([video.grid_thw]),
             "second_per_grid_ts": torch.tensor([video.second_per_grid]),
             "mm_token_type_ids": (full == adapter.video_token_id).int() * 2}
 
 
 @pytest.mark.slow
-def test_families_are_registered_and_known_from_a_checkpoint(tiny_model_dir, qwen_model_dir, tmp_path):
+def test_families_are_registered_and_known_from_a_checkpoint(tiny_model_dir, qwen_model_dir, qwen3, tmp_path):
     for name in FAMILIES:
         assert adapter_class(name).family == name
     with pytest.raises(ValueError, match="model.family='llava'"):
         adapter_class("llava")
     assert family_of(str(tiny_model_dir)) == "llava_onevision"
     assert family_of(str(qwen_model_dir)) == "qwen2_5_vl"
+    assert family_of(str(qwen3.directory)) == "qwen3_vl"
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="model_type 'llama'.* names none of the families"):
         family_of(str(tmp_path))
@@ -131,7 +139,7 @@ def test_loglikelihood_is_the_stock_models(family):
     # the same logits (`none` is the stock model exactly); the log-softmax over the vocabulary, then
     # the answer's tokens summed in float32 against in float64
     assert logprob == pytest.approx(expected, rel=bound(torch.float32, logp.shape[-1], depth=2))
-    assert run.text_tokens == adapter.text_tokens(ids)
+    assert run.text_tokens == adapter.text_tokens(ids, video)
 
 
 def test_feature_cache_returns_what_the_encoder_gave(family, tmp_path):
@@ -151,17 +159,34 @@ def test_feature_cache_returns_what_the_encoder_gave(family, tmp_path):
 
 # knobs that make each method do its work on a short clip of the small models
 KNOBS = {"framefusion": {"cost": 0.7}, "prunevid": {"tau": 1.0}}
+# methods a family refuses itself (its check_method), before anything loads: on the small Qwen3-VL,
+# those merging video tokens inside the LLM before its last DeepStack layer (2)
+REFUSED = {"qwen3_vl": {"framefusion", "sparsevlm", "sttm"}}
 
 
 @pytest.mark.parametrize("name", [n for n in methods.known() if n != "pipeline"] + ["pipeline"])
 def test_every_method_runs(family, name):
-    _, adapter, _, video = family
+    """Every method runs on every family, or is refused in one line before anything loads."""
+    import json
+
+    from harness.errors import ConfigError
+    from harness.run.validate import check_method_family
+
+    family_name, adapter, _, video = family
     knobs = {"stages": ["visionzip", "fastv"]} if name == "pipeline" else KNOBS.get(name, {})
     compressor = methods.build(name, **knobs)
+    config = json.loads((adapter.directory / "config.json").read_text())
+    try:
+        check_method_family(compressor, family_name, config)
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err).startswith(f"method {compressor.title}")
+        assert ("DeepStack" in str(err)) == (name in REFUSED.get(family_name, ())), str(err)
+        return
+    assert name not in REFUSED.get(family_name, ())
     encoded = adapter.encode_video(video, compressor.needs)
     text, run = adapter.generate(encoded, QUESTION, compressor, max_new_tokens=3)
     assert isinstance(text, str)
-    full = encoded.visual.features.shape[0] * encoded.visual.features.shape[1]
+    full = adapter.uncompressed_tokens(encoded.visual)  # (ToMe's merged features are fewer)
     assert run.video_tokens_in == full and 0 < run.video_tokens_out <= full
     assert len(run.layer_video_tokens) == adapter.llm_shape.layers
     if name != "none":

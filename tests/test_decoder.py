@@ -500,3 +500,127 @@ def test_compacting_m_rope_positions_is_refused(qwen, smoke_questions):
     prompt = qwen.prepare(pixels, none, qwen.prompt_ids(QUESTION)[0])
     with pytest.raises(ValueError, match=r"compacted positions need 1-D position ids"):
         decoder.prefill(qwen.llm, prompt.embeds, prompt.positions, prompt.span, Compact(), use_cache=False)
+
+
+# ---- text between video tokens (video_mask) and DeepStack features --------------------------------
+class KeepEvenVideo:
+    """Before layer `layer`, keep the video tokens of even index; records what it was shown."""
+
+    def __init__(self, layer):
+        self.layers, self.seen = (layer,), {}
+
+    def act(self, view):
+        self.seen = {"video": view.video.clone(), "index": view.video_index.clone(), "origin": view.origin.clone()}
+        return Keep(torch.arange(0, len(view.video), 2))
+
+    def planned(self, video_tokens, groups=None):
+        return None
+
+
+def holes(span, every=10):
+    """(end - start,) bool: every `every`-th entry inside the span (not its ends) marked as text."""
+    mask = torch.ones(span[1] - span[0], dtype=torch.bool)
+    mask[every:-1:every] = False
+    return mask
+
+
+def test_a_full_video_mask_changes_nothing(adapter, pixels):
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    full = torch.ones(prompt.span[1] - prompt.span[0], dtype=torch.bool)
+    plain = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, KeepEvenVideo(3),
+                            use_cache=False)
+    masked = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, KeepEvenVideo(3),
+                             use_cache=False, video_mask=full)
+    # the same layers on the same entries in the same order: exact
+    assert torch.equal(plain.logits, masked.logits) and torch.equal(plain.kept, masked.kept)
+    assert plain.layer_video_tokens == masked.layer_video_tokens
+
+
+def test_text_inside_the_span_is_never_a_video_token(adapter, pixels):
+    """Entries of the span a video mask marks as text (timestamps between frames) are kept in place
+    whatever a policy does, never offered to it, never counted; the policy's video_index numbers the
+    video tokens themselves."""
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    start, end = prompt.span
+    mask = holes(prompt.span)
+    policy = KeepEvenVideo(3)
+    out = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, policy, use_cache=True,
+                          video_mask=mask)
+    video = torch.arange(start, end)[mask]
+    assert torch.equal(policy.seen["origin"][policy.seen["video"]], video)
+    assert torch.equal(policy.seen["index"], torch.arange(len(video)))
+    kept = torch.cat([torch.arange(start), torch.arange(start, end)[~mask], video[::2],
+                      torch.arange(end, prompt.embeds.shape[1])]).sort().values
+    assert torch.equal(out.kept, kept)
+    assert out.layer_video_tokens == [len(video)] * 3 + [len(video[::2])] * (LAYERS - 3)
+    assert out.state.is_video.sum() == len(video)
+    # reference: the stock forward up to layer 3, the same rows kept, the stock forward after it
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        h = lm(inputs_embeds=prompt.embeds, output_hidden_states=True).hidden_states[3]
+    expected = stock_logits(adapter, h[:, kept], kept[None], causal(len(kept)), slice(3, None))
+    torch.testing.assert_close(out.logits, expected, **close(torch.float32, prompt.embeds.shape[1], depth=LAYERS))
+
+
+def test_deepstack_levels_are_added_after_their_layers_to_the_video_tokens_present(adapter, pixels):
+    """Level l goes to the video tokens (not the text among them) after layer l; a policy that drops
+    tokens before a level leaves the kept ones theirs. Reference: the stock forward in pieces, each
+    level added by hand."""
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    start, end = prompt.span
+    mask = holes(prompt.span)
+    video = torch.arange(start, end)[mask]
+    g = torch.Generator().manual_seed(0)
+    levels = [torch.randn(len(video), prompt.embeds.shape[-1], generator=g) for _ in range(2)]
+    out = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, KeepEvenVideo(1),
+                          use_cache=False, video_mask=mask, deepstack=levels)
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        h1 = lm(inputs_embeds=prompt.embeds, output_hidden_states=True).hidden_states[1].clone()
+        h1[0, video] += levels[0]  # after layer 0, every video token
+        kept = torch.cat([torch.arange(start), torch.arange(start, end)[~mask], video[::2],
+                          torch.arange(end, prompt.embeds.shape[1])]).sort().values
+        with sliced(lm, slice(1, None)):
+            h2 = lm(inputs_embeds=h1[:, kept], position_ids=kept[None], attention_mask=causal(len(kept)),
+                    use_cache=False, output_hidden_states=True).hidden_states[1].clone()
+        h2[0, torch.isin(kept, video[::2])] += levels[1][::2]  # after layer 1, the kept ones' own
+    expected = stock_logits(adapter, h2, kept[None], causal(len(kept)), slice(2, None))
+    torch.testing.assert_close(out.logits, expected, **close(torch.float32, prompt.embeds.shape[1], depth=LAYERS))
+    # zero features change nothing: exact
+    zero = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, KeepEvenVideo(1),
+                           use_cache=False, video_mask=mask, deepstack=[torch.zeros_like(l) for l in levels])
+    plain = decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, KeepEvenVideo(1),
+                            use_cache=False, video_mask=mask)
+    assert torch.equal(zero.logits, plain.logits)
+
+
+@pytest.mark.parametrize("layer, refused", [(1, True), (2, False)])
+def test_a_merge_before_the_last_deepstack_level_is_refused(adapter, pixels, layer, refused):
+    none = methods.build("none")
+    ids, _ = adapter.prompt_ids(QUESTION)
+    prompt = adapter.prepare(pixels, none, ids)
+    n = prompt.span[1] - prompt.span[0]
+    levels = [torch.zeros(n, prompt.embeds.shape[-1]) for _ in range(2)]
+
+    def run(policy):
+        return decoder.prefill(adapter.llm, prompt.embeds, prompt.positions, prompt.span, policy, use_cache=False,
+                               deepstack=levels)
+
+    if refused:
+        with pytest.raises(ValueError, match=f"merges video tokens at layer {layer}, before the DeepStack"):
+            run(MergePairs(layer))
+    else:
+        run(MergePairs(layer))
+
+    class Unchanged(KeepEvenVideo):  # hidden states given back as they were: no merge
+        def act(self, view):
+            keep = super().act(view)
+            return Keep(keep.video, view.hidden[0, view.video[keep.video]])
+
+    run(Unchanged(layer))

@@ -1,10 +1,12 @@
 """On-disk cache of pooled vision features, so sweeping a compressor's knob skips the encoder.
 
 An entry is keyed by the model fingerprint (config, weight files, dtype, device type), the video
-file (absolute path, size, modification time), the number of frames, the preprocessing, and
-whether patch attention scores were computed; anything else cannot produce the same features, so
-an entry from a different model or config is never used. An entry holds the VisualInput and the
-family's `Encoded.extras` (OneVision's newline token, Qwen2.5-VL's temporal position step).
+file (absolute path, size, modification time), the number of frames, the preprocessing, whether
+patch attention scores were computed, and the encoder-stage method acting inside the encoder (its
+name and knobs, e.g. ToMe's), if any; anything else cannot produce the same features, so an entry
+from a different model, config or encoder-stage setting is never used. An entry holds the
+VisualInput and the family's `Encoded.extras` (OneVision's newline token, Qwen2.5-VL's temporal
+position step).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from harness.data.video import VideoError
 from harness.files import atomic_path, digest
 from harness.models.base import Encoded
-from methods.core.base import ENCODER_NEEDS, VisualInput
+from methods.core.base import ENCODER_NEEDS, EncoderStage, VisualInput, encoder_stage
 
 
 class FeatureCache:
@@ -32,6 +34,9 @@ class FeatureCache:
         ident = {"model": self.fingerprint, "video": str(Path(video).resolve()), "size": st.st_size,
                  "mtime": st.st_mtime_ns, "frames": frames, "pre": vars(preprocessing),
                  "needs": sorted(set(needs) & ENCODER_NEEDS), "version": 3}
+        encoder = [n.identity for n in needs if isinstance(n, EncoderStage)]
+        if encoder:  # (absent otherwise: every other method's entries keep their keys)
+            ident["encoder"] = encoder
         return digest(ident)
 
     def load(self, key: str, device) -> Encoded | None:
@@ -97,8 +102,13 @@ def read_input(adapter, path: str, frames: int, needs: frozenset, cache: Feature
 
 
 def encode_input(adapter, video: VideoInput, needs: frozenset, cache: FeatureCache | None) -> Encoded:
-    """The encoded video: its cache entry, or its frames through the vision side (then stored)."""
+    """The encoded video: its cache entry, or its frames through the vision side (then stored). An
+    encoder-stage method is planned on the adapter's encoder even when its features come from the
+    cache, so that what it reports (`notes()`: ToMe's tokens per frame) does not depend on the cache."""
     if video.encoded is not None:
+        encoder = encoder_stage(needs)
+        if encoder is not None:
+            encoder.encoder_policy(adapter.vision_shape)
         return video.encoded
     encoded = adapter.encode_video(video.pixels, needs)
     if video.key is not None:

@@ -12,6 +12,7 @@ import importlib
 FAMILIES = {
     "llava_onevision": ("harness.models.llava_onevision", "LlavaOneVision"),
     "qwen2_5_vl": ("harness.models.qwen2_5_vl", "Qwen2_5_VL"),
+    "qwen3_vl": ("harness.models.qwen3_vl", "Qwen3_VL"),
 }
 
 

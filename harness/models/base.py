@@ -13,11 +13,18 @@ A family (harness/models/<family>.py) subclasses `VideoLLM` and supplies:
 - `encode(pixels, needs, timings) -> Encoded`: the vision side, (F', N, D) tokens on an (h, w) grid
   per token frame, plus what the prompt needs besides them (`Encoded.extras`);
 - `embed_video(ids, tokens, encoded, full)`: prompt embeddings with the video span placed, and the
-  position ids the family's decoder takes (1-D, or (3, 1, T) for M-RoPE); `tokens_after_video`,
-  the tokens it puts in the placeholder's place besides the video tokens (OneVision's newline);
+  position ids the family's decoder takes (1-D, or (3, 1, T) for M-RoPE), and optionally a fourth
+  value, {"video_mask", "deepstack"} (Prompt: text between frames, DeepStack features; Qwen3-VL);
+  `tokens_after_video`, the tokens it puts in the placeholder's place besides the video tokens
+  (OneVision's newline);
 - `llm`: the narrow decoder handle of methods.core.decoder (prefill and decode run there, shared);
 - `vision_flops(frames, grid)`: analytic FLOPs of its vision encoder on a video of that many token
-  frames of an (h, w) token grid.
+  frames of an (h, w) token grid (`encoder=`: an encoder-stage method acting inside it, for a family
+  that runs that stage);
+- `stages`: the method stages (methods.core.base.STAGES) it runs: "encoder" only where `encode` runs
+  the vision encoder's layers itself with an encoder-stage method's policy (the needs' EncoderStage),
+  which then also gives `uncompressed_tokens`, the F'*N tokens the video makes without it, and
+  `vision_shape` (methods.core.flops.VisionShape), the encoder the method plans for.
 
 Everything else (prepare, prefill, generate, loglikelihood, prompts, timings, fingerprints) is
 here, once. Adding a family is one adapter file plus one conf/model YAML (README, "Adding a model
@@ -38,7 +45,7 @@ import torch
 
 from harness.timing import Stopwatch
 from methods.core import decoder
-from methods.core.base import ENCODER_NEEDS, Compressor, VideoTokens, VisualInput
+from methods.core.base import Compressor, VideoTokens, VisualInput, encoder_stage, vision_needs
 from methods.core.decoder import LLM
 from methods.core.flops import LLMShape, first_pruned
 
@@ -144,6 +151,10 @@ class Prompt:
     run: VideoPass
     groups: torch.Tensor | None = None  # a group id per video token, from the visual stage
     video_index: torch.Tensor | None = None  # (V,) index of each video token in the F'*N input
+    # a family with text between frames (Qwen3-VL's timestamps) marks its video tokens in the span,
+    # (end - start,) bool; one with DeepStack gives the (V, D) features of each level (decoder.prefill)
+    video_mask: torch.Tensor | None = None
+    deepstack: list | None = None
 
 
 @dataclass
@@ -172,6 +183,7 @@ class VideoLLM(ABC):
     family: ClassVar[str]
     model_class: ClassVar[str]  # the transformers class name
     provides: ClassVar[frozenset[str]] = frozenset()  # VISUAL_NEEDS its vision side computes
+    stages: ClassVar[frozenset[str]] = frozenset({"visual", "prefill", "decode"})  # the method stages it runs
     tokens_after_video: ClassVar[int] = 0  # tokens the prompt gets after the video tokens, in the
     # placeholder's place (OneVision: its newline)
 
@@ -255,8 +267,15 @@ class VideoLLM(ABC):
         """The decoder handle methods/core/decoder.py drives (embeddings, layers, rotary, norm, head)."""
 
     @abstractmethod
-    def vision_flops(self, frames: int, grid: tuple[int, int]) -> float:
-        """Analytic FLOPs of the vision encoder for `frames` frames giving a `grid` of tokens each."""
+    def vision_flops(self, frames: int, grid: tuple[int, int], encoder: Compressor | None = None) -> float:
+        """Analytic FLOPs of the vision encoder for `frames` frames giving a `grid` of tokens each
+        (`encoder`, an encoder-stage method acting inside it, is given only to a family whose
+        `stages` include "encoder")."""
+
+    def uncompressed_tokens(self, visual: VisualInput) -> int:
+        """F'*N: the video tokens of these features without compression (a family with an encoder stage
+        says how many the encoder would have made without it)."""
+        return visual.features.shape[0] * visual.features.shape[1]
 
     # ---- shared ---------------------------------------------------------------------------------
     @property
@@ -292,17 +311,22 @@ class VideoLLM(ABC):
         ids = self.tokenizer(question, add_special_tokens=False).input_ids
         return self.model.get_input_embeddings()(torch.tensor(ids, device=self.device))
 
-    def text_tokens(self, ids: list[int]) -> int:
-        """The prompt's tokens other than video tokens once its placeholder is replaced."""
+    def text_tokens(self, ids: list[int], video=None) -> int:
+        """The prompt's tokens other than video tokens once its placeholder is replaced (by `video`'s
+        tokens: a family that puts text between frames, Qwen3-VL's timestamps, counts it from it)."""
         return len(ids) - 1 + self.tokens_after_video
 
     @torch.inference_mode()
     def encode_video(self, pixels, needs: frozenset = frozenset()) -> Encoded:
         """The timed vision side of one video (and what `needs` asks for)."""
-        needs = frozenset(needs) & ENCODER_NEEDS  # the question is the prompt's, not the encoder's
-        missing = needs - self.provides
+        needs = vision_needs(needs)  # the question is the prompt's, not the encoder's
+        missing = {n for n in needs if isinstance(n, str)} - self.provides
         if missing:
             raise ValueError(f"the {self.family} vision side does not compute {', '.join(sorted(missing))}")
+        encoder = encoder_stage(needs)
+        if encoder is not None and "encoder" not in self.stages:
+            raise ValueError(f"{encoder.name} acts inside the vision encoder, which the {self.family} adapter "
+                             "does not run layer by layer: it is not defined for this family")
         timings = {}
         with self.stopwatch("vision", timings):
             encoded = self.encode(pixels, needs, timings)
@@ -326,10 +350,12 @@ class VideoLLM(ABC):
                 raise ValueError(f"{compressor.title} reads the question at its visual stage: give it")
             visual = replace(visual, question=self.question_embeddings(question))
         timings = {"vision": video.timings.get("vision", 0.0), "compressor": video.timings.get("scoring", 0.0)}
-        full = visual.features.shape[0] * visual.features.shape[1]
+        full = self.uncompressed_tokens(visual)
         if compressor.has("visual"):
             with self.stopwatch("compressor", timings):
                 tokens = compressor.compress(visual)
+        elif visual.features.shape[0] * visual.features.shape[1] != full:  # merged in the encoder:
+            tokens = visual.features.flatten(0, 1)  # at consecutive positions
         else:  # every token at its own position
             tokens = VideoTokens(visual.features.flatten(0, 1), torch.arange(full, device=visual.features.device))
         return Compressed(video, tokens, full, timings)
@@ -340,11 +366,15 @@ class VideoLLM(ABC):
         visual = compressed.encoded.visual
         run = VideoPass(vision_cached=compressed.encoded.cached, frames=visual.features.shape[0],
                         grid=tuple(visual.grid), timings=dict(compressed.timings))
-        embeds, positions, span = self.embed_video(ids, compressed.tokens, compressed.encoded, compressed.full)
-        run.video_tokens_in, run.video_tokens_out = compressed.full, span[1] - span[0]
+        embeds, positions, span, *layout = self.embed_video(ids, compressed.tokens, compressed.encoded,
+                                                            compressed.full)
+        layout = layout[0] if layout else {}  # a family's video_mask and deepstack (Prompt)
+        mask = layout.get("video_mask")
+        run.video_tokens_in = compressed.full
+        run.video_tokens_out = span[1] - span[0] if mask is None else int(mask.sum())
         run.text_tokens = embeds.shape[1] - run.video_tokens_out
         return Prompt(embeds, positions, span, run, getattr(compressed.tokens, "groups", None),
-                      video_index(compressed.tokens).to(self.device))
+                      video_index(compressed.tokens).to(self.device), mask, layout.get("deepstack"))
 
     def prepare(self, video, compressor: Compressor, ids: list[int]) -> Prompt:
         """`compress` then `prompt`."""
@@ -358,7 +388,8 @@ class VideoLLM(ABC):
                               use_cache=use_cache, logits_to_keep=logits_to_keep,
                               timer=lambda: self.stopwatch("compressor", prompt.run.timings),
                               video_groups=prompt.groups, video_index=prompt.video_index,
-                              frame_tokens=prompt.run.frame_tokens, grid=prompt.run.grid)
+                              frame_tokens=prompt.run.frame_tokens, grid=prompt.run.grid,
+                              video_mask=prompt.video_mask, deepstack=prompt.deepstack)
         prompt.run.layer_video_tokens = out.layer_video_tokens
         prompt.run.layer_mlp_video_tokens = out.layer_mlp_video_tokens
         prompt.run.video_tokens_out = first_pruned(out.layer_video_tokens)
@@ -381,7 +412,7 @@ class VideoLLM(ABC):
         prompt = self.prompt(compressed, ids)
         length = self.prefix_length(prompt)
         head = Prompt(prompt.embeds[:, :length], prompt.positions[..., :length], prompt.span, prompt.run,
-                      prompt.groups, prompt.video_index)
+                      prompt.groups, prompt.video_index, prompt.video_mask, prompt.deepstack)
         timings: dict = {}
         with self.stopwatch("prefill", timings):  # a query-free prefill policy acts here, once
             out = self.prefill(head, compressor, use_cache=True, logits_to_keep=1)

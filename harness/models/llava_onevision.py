@@ -7,6 +7,14 @@ video) and `video_processing_llava_onevision.py` (harness/video.py). The same co
 embedded smoke model and the real 0.5B/7B checkpoints; for method `none` the logits equal the stock
 model's (tests/test_model.py). The one deviation: the pooled features go through the configured
 compressor before they are placed in the prompt. Positions are 1-D sequence indices.
+
+With an encoder-stage method (ToMe) the adapter runs SigLIP's embeddings and encoder layers itself, as
+transformers' `SiglipEncoderLayer.forward` does (layer_norm1, self_attn, residual, layer_norm2, mlp,
+residual; the same attention function), with the method's policy acting after attention + residual and
+before the MLP and its bias (ToMe's log(size)) added to the attention logits as a float mask; then the
+projector on each frame's merged tokens, without the 2x2 bilinear pooling (merged tokens have no grid).
+Without merges the loop equals the stock tower exactly, and its tokens, still the patch grid, are pooled
+as the model pools them: the same features as `none` (tests/test_tome.py).
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ import torch
 
 from harness.data.video import preprocess, read_frames
 from harness.models.base import Encoded, ModelLoadError, VideoLLM, preprocessor_config
-from methods.core.base import VideoTokens, VisualInput
+from methods.core.base import ENCODER_NEEDS, Compressor, EncoderPolicy, VideoTokens, VisualInput, encoder_stage
 from methods.core.decoder import LLM
-from methods.core.flops import encoder_flops
+from methods.core.flops import VisionShape, encoder_flops
 
 
 @dataclass
@@ -85,6 +93,7 @@ class LlavaOneVision(VideoLLM):
     family = "llava_onevision"
     model_class = "LlavaOnevisionForConditionalGeneration"
     provides = frozenset({"patch_scores", "encoder_hidden"})
+    stages = VideoLLM.stages | {"encoder"}  # encode() runs SigLIP's layers itself for an encoder stage
     tokens_after_video = 1  # the image_newline
     OFFLINE_SPECIAL_TOKENS, OFFLINE_CHAT_TEMPLATE = SPECIAL_TOKENS, CHAT_TEMPLATE
     # what random weights are built with (harness/models/random_weights.py): SigLIP's preprocessing
@@ -132,6 +141,9 @@ class LlavaOneVision(VideoLLM):
     def video_tokens(self, path: str, frames: int) -> int:
         return frames * self.tokens_per_frame
 
+    def uncompressed_tokens(self, visual: VisualInput) -> int:
+        return visual.features.shape[0] * self.tokens_per_frame  # also when merged in the encoder
+
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, needs: frozenset = frozenset(),
                timings: dict | None = None) -> Encoded:
@@ -144,6 +156,9 @@ class LlavaOneVision(VideoLLM):
         `timings["scoring"]`); "encoder_hidden", the encoder features the projector receives.
         """
         pixel_values = pixel_values.to(self.device, self.model.dtype)
+        encoder = encoder_stage(needs)
+        if encoder is not None:
+            return self.encode_merged(pixel_values, encoder, needs, timings)
         captured: dict = {}
         hooks = []
         if "patch_scores" in needs:
@@ -173,6 +188,53 @@ class LlavaOneVision(VideoLLM):
         visual = VisualInput(features=features, grid=self.grid, **captured)
         return Encoded(visual, {"newline": pooled[-1:]}, timings if timings is not None else {})
 
+    def encode_merged(self, pixel_values: torch.Tensor, encoder: Compressor, needs: frozenset = frozenset(),
+                      timings: dict | None = None) -> Encoded:
+        """(F, 3, S, S) -> Encoded with (F, k, D) features: SigLIP's layers run here with `encoder`'s
+        policy inside them (`run_encoder`), then the projector on each frame's k tokens (no pooling: merged
+        tokens are off the grid). A policy that merges nothing leaves the P patches in grid order: they are
+        pooled as `get_video_features` pools them, so the features are `none`'s."""
+        asked = sorted(n for n in needs if isinstance(n, str) and n in ENCODER_NEEDS)
+        if asked:
+            raise ValueError(f"{encoder.name} merges tokens inside the vision encoder: there are no per-patch "
+                             f"{', '.join(asked)} to give")
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.siglip.modeling_siglip import eager_attention_forward
+
+        tower = self.model.model.vision_tower
+        vision = getattr(tower, "vision_model", tower)
+        implementation = vision.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        policy = encoder.encoder_policy(self.vision_shape)
+        hidden, _ = run_encoder(vision, pixel_values, policy, self.encoder_depth(), attention, implementation)
+        features = self.model.model.multi_modal_projector(hidden)
+        if policy.merging:
+            visual = VisualInput(features=features, grid=(1, features.shape[1]))
+        else:  # still the patch grid: the model's 2x2 bilinear pooling, as in `encode`
+            features = self.model.model.apply_pooling(features)
+            visual = VisualInput(features=features, grid=self.grid)
+        newline = self.model.model.image_newline[None].to(features.dtype)
+        return Encoded(visual, {"newline": newline}, timings if timings is not None else {})
+
+    def encoder_depth(self) -> int:
+        """How many encoder layers the model uses: hidden_states[k] (vision_feature_layer) is the output
+        of layer k - 1, so an encoder stage runs layers 0..k-1 only."""
+        chosen = self.config.vision_feature_layer
+        if not isinstance(chosen, int):
+            raise ValueError(f"vision_feature_layer={chosen}: an encoder-stage method needs one encoder layer's "
+                             "output (several are concatenated here)")
+        depth = chosen % (self.config.vision_config.num_hidden_layers + 1)
+        if depth == 0:
+            raise ValueError("vision_feature_layer selects the embeddings: no encoder layer to act in")
+        return depth
+
+    @property
+    def vision_shape(self) -> VisionShape:
+        vision = self.config.vision_config
+        return VisionShape(patches=self.patch_grid ** 2, layers=self.encoder_depth(), hidden=vision.hidden_size,
+                           ffn=vision.intermediate_size, heads=vision.num_attention_heads,
+                           tokens=self.tokens_per_frame)
+
     def scoring_layer(self):
         """The encoder layer whose output the model uses (config.vision_feature_layer)."""
         tower = self.model.model.vision_tower
@@ -185,8 +247,10 @@ class LlavaOneVision(VideoLLM):
             raise ValueError("vision_feature_layer selects the embeddings: no attention to score with")
         return layers[index]
 
-    def vision_flops(self, frames: int, grid: tuple[int, int]) -> float:
-        return encoder_flops(self.config.vision_config, frames, self.config.text_config.hidden_size)
+    def vision_flops(self, frames: int, grid: tuple[int, int], encoder: Compressor | None = None) -> float:
+        """The encoder, the projector; with `encoder`, each layer at the tokens its policy plans."""
+        planned = encoder.encoder_policy(self.vision_shape).layer_tokens if encoder is not None else None
+        return encoder_flops(self.config.vision_config, frames, self.config.text_config.hidden_size, planned)
 
     # ---- language model -----------------------------------------------------------------------
     @property
@@ -218,6 +282,37 @@ class LlavaOneVision(VideoLLM):
             positions[where:where + n] = where + video.positions.to(self.device)
             positions[where + n:] += full_video - n
         return embeds, positions[None], (where, where + n)
+
+
+def run_encoder(vision, pixel_values: torch.Tensor, policy: EncoderPolicy, depth: int, attention,
+                implementation: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+    """SigLIP's embeddings and its first `depth` encoder layers on (B, 3, S, S) pixels, each layer as
+    transformers' `SiglipEncoderLayer.forward` / `SiglipAttention.forward` compute it (the same modules,
+    the same `attention` function, in the same order), with `policy` (methods.core.base.EncoderPolicy)
+    acting after attention + residual and before the MLP, and its bias added to the attention logits
+    (a float mask: SDPA keeps a fused kernel). Returns the policy's (tokens (B, k, C), smallest original
+    patch index of each (B, k))."""
+    hidden = vision.embeddings(pixel_values)
+    policy.start(hidden)
+    for index, layer in enumerate(vision.encoder.layers[:depth]):
+        residual = hidden
+        x = layer.layer_norm1(hidden)
+        attn = layer.self_attn
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        queries = attn.q_proj(x).view(shape).transpose(1, 2)
+        keys = attn.k_proj(x).view(shape).transpose(1, 2)
+        values = attn.v_proj(x).view(shape).transpose(1, 2)
+        bias = policy.attention_bias(queries.dtype)
+        if bias is not None and implementation.startswith("flash"):
+            raise ValueError(f"attn_implementation={implementation} takes no attention bias: ToMe's proportional "
+                             "attention needs sdpa or eager (or prop_attn=false)")
+        out, _ = attention(attn, queries, keys, values, bias, is_causal=attn.is_causal, scaling=attn.scale,
+                           dropout=0.0)
+        hidden = residual + attn.out_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+        hidden = policy.act(index, hidden, keys.mean(1))  # ToMe's metric: the keys, mean over heads
+        residual = hidden
+        hidden = residual + layer.mlp(layer.layer_norm2(hidden))
+    return policy.finish(hidden)
 
 
 def received_attention(attention, hidden: torch.Tensor):

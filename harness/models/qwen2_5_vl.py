@@ -73,6 +73,9 @@ class Qwen2_5_VL(VideoLLM):
     family = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
     provides = frozenset({"patch_scores"})
+    # no encoder stage: merging inside the tower is not defined here (its window attention and 2x2
+    # patch merger need the full grid), so a method acting there is refused before anything loads
+    stages = frozenset({"visual", "prefill", "decode"})
     OFFLINE_SPECIAL_TOKENS, OFFLINE_CHAT_TEMPLATE = SPECIAL_TOKENS, CHAT_TEMPLATE
     # the published checkpoints' preprocessor_config.json (Qwen2VLImageProcessor settings)
     OFFLINE_PREPROCESSOR = {"image_mean": CLIP_MEAN, "image_std": CLIP_STD, "rescale_factor": 1 / 255,

@@ -85,17 +85,30 @@ def check_device(device: str) -> None:
         raise ConfigError("model.device=mps: the MPS backend is not available on this machine")
 
 
-def check_method_family(compressor, family: str) -> None:
-    """A method that needs vision-side inputs the family's adapter does not compute (e.g. FastVID's
-    SigLIP head on `encoder_hidden`) is not defined for that family: an error before anything loads."""
+def check_method_family(compressor, family: str, config: dict | None = None) -> None:
+    """A method that acts in a stage the family's adapter does not run (ToMe inside the vision encoder
+    of Qwen2.5-VL), or that needs vision-side inputs it does not compute (e.g. FastVID's SigLIP head
+    on `encoder_hidden`), is not defined for that family: an error before anything loads."""
     from harness.models import adapter_class
-    from methods.core.base import ENCODER_NEEDS
+    from methods.core.base import ENCODER_NEEDS, STAGES
 
+    adapter = adapter_class(family)
+    unrun = [stage for stage in STAGES if stage in compressor.stages and stage not in adapter.stages]
+    if unrun:
+        raise ConfigError(f"method {compressor.title} acts in the {', '.join(unrun)} stage, which the "
+                          f"model.family={family} adapter does not run: the method is not defined for this "
+                          f"family (it runs the {', '.join(s for s in STAGES if s in adapter.stages)} stages)")
     missing = set(compressor.needs) & ENCODER_NEEDS - adapter_class(family).provides
     if missing:
         raise ConfigError(f"method {compressor.title} needs {', '.join(sorted(missing))} from the vision "
                           f"encoder, which model.family={family} does not provide: the method is not "
                           f"defined for this family (it provides {', '.join(sorted(adapter_class(family).provides)) or 'none'})")
+    check = getattr(adapter_class(family), "check_method", None)  # what the family refuses itself
+    if check is not None:  # (Qwen3-VL: merges its DeepStack features cannot follow), on the
+        try:  # checkpoint's config.json when given, else on the family's published shapes
+            check(compressor, config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def read_model_config(path: str) -> dict | None:
@@ -111,7 +124,7 @@ def read_model_config(path: str) -> dict | None:
                           f"{err.colno}: {err.msg}); expected a Hugging Face model config") from None
     if not isinstance(data, dict) or not isinstance(text_config(data), dict):
         raise ConfigError(f"model.path={path}: {config} has no text_config: expected a video LLM's "
-                          "config (model_type llava_onevision or qwen2_5_vl)")
+                          "config (model_type llava_onevision, qwen2_5_vl or qwen3_vl)")
     return data
 
 
@@ -142,3 +155,18 @@ def check_method_fits(compressor, config: dict | None) -> None:
             compressor.decode_policy(shape)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    family = _family_of_config(config)
+    if family is not None:  # what the family refuses, on this checkpoint's depth and shapes
+        check_method_family(compressor, family, config)
+
+
+def _family_of_config(config: dict) -> str | None:
+    """The family whose transformers class reads a config.json of this model_type (None: none)."""
+    import transformers
+
+    from harness.models import FAMILIES, adapter_class
+
+    for family in FAMILIES:
+        if getattr(transformers, adapter_class(family).model_class).config_class.model_type == config.get("model_type"):
+            return family
+    return None

@@ -7,6 +7,8 @@ declarations; a value out of range or NaN is refused in one place (`check_value`
 
 A compressor declares the stages it acts in and implements one hook per stage:
 
+- "encoder": `encoder_policy(vision) -> EncoderPolicy`, acting inside the vision encoder's layers
+             (the adapter runs them itself; ToMe merges patch tokens there), before any other stage;
 - "visual":  `compress(VisualInput) -> (M, D) tokens` (or `VideoTokens` with their original
              positions), on the pooled video features before the LLM;
 - "prefill": `prefill_policy(llm) -> PrefillPolicy`, acting inside the LLM at the layers it names,
@@ -21,6 +23,7 @@ knows about Hydra, lmms_eval or files: it is tensor code, on any device.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,9 +32,9 @@ import torch
 
 if TYPE_CHECKING:
     from methods.core.decoder import DecodePolicy, PrefillPolicy
-    from methods.core.flops import LLMShape
+    from methods.core.flops import LLMShape, VisionShape
 
-STAGES = ("visual", "prefill", "decode")
+STAGES = ("encoder", "visual", "prefill", "decode")  # in the order they act
 
 
 @dataclass
@@ -59,6 +62,78 @@ class VisualInput:
 
 VISUAL_NEEDS = frozenset({"patch_scores", "encoder_hidden", "question"})
 ENCODER_NEEDS = VISUAL_NEEDS - {"question"}  # what the vision side computes (the question comes from the prompt)
+
+
+class EncoderStage:
+    """The member of a compressor's `needs` that names its encoder-stage method (set for every
+    compressor acting in the "encoder" stage, a pipeline's part included), so that whatever carries
+    `needs` to the vision side (the engine, the feature cache, calibration, the bench) carries the
+    method that must act inside the encoder too. Equal, and hashed, by the method's name and knobs
+    (`identity`): two settings never share an encoding, the same setting always does."""
+
+    __slots__ = ("method",)
+
+    def __init__(self, method: "Compressor"):
+        self.method = method
+
+    @property
+    def identity(self) -> str:
+        return json.dumps({"method": self.method.name, "knobs": self.method.knobs()}, sort_keys=True, default=str)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EncoderStage) and other.identity == self.identity
+
+    def __hash__(self) -> int:
+        return hash(self.identity)
+
+    def __repr__(self) -> str:
+        return f"EncoderStage({self.identity})"
+
+
+def encoder_stage(needs) -> "Compressor | None":
+    """The encoder-stage method a `needs` set carries (None: the encoder runs as the model ships it)."""
+    return next((n.method for n in needs if isinstance(n, EncoderStage)), None)
+
+
+def vision_needs(needs) -> frozenset:
+    """What of `needs` the vision side acts on: its ENCODER_NEEDS names and the encoder stage (the
+    question comes from the prompt)."""
+    return frozenset(n for n in needs if isinstance(n, EncoderStage) or n in ENCODER_NEEDS)
+
+
+class EncoderPolicy:
+    """What an encoder-stage method does inside the vision encoder, for one batch of frames (a fresh
+    policy per video, from `Compressor.encoder_policy(VisionShape)`).
+
+    The adapter runs the encoder's layers itself. On the embeddings h (B, P, C) (a frame per row) it
+    calls `start(h)`; then, in each layer l = 0.. of those whose output the model uses:
+
+        bias = policy.attention_bias(dtype)   # None, or (B, 1, 1, t): added to the attention logits
+        h = h + attention(norm1(h), bias)
+        h = policy.act(l, h, metric)          # metric (B, t, head_dim): this layer's keys, mean over heads
+        h = h + mlp(norm2(h))
+
+    and at the end `h, origin = policy.finish(h)`: the tokens in the order the LLM receives them and
+    each one's smallest original patch index (B, k). Every row keeps the same number of tokens.
+    `layer_tokens` plans, per layer, the tokens per frame its attention and its MLP see (the encoder
+    FLOPs count reads it; methods.core.flops.encoder_flops). `merging` False says that the tokens stay
+    the P patches in grid order (ToMe with r = 0): the adapter then treats them as the stock encoder's
+    output (LLaVA-OneVision pools them as it does for every other method)."""
+
+    layer_tokens: list[tuple[int, int]]
+    merging: bool = True
+
+    def start(self, hidden: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def act(self, layer: int, hidden: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
 
 @dataclass
@@ -223,14 +298,16 @@ class Compressor:
     reference: ClassVar[bool] = False  # the uncompressed reference (`none`): no retention applies
     retention_knob: ClassVar[RetentionKnob | None] = None  # None: `retention=` does not apply
     label_knobs: ClassVar[tuple[str, ...] | None] = None  # knobs named in table labels (None: all)
-    needs: ClassVar[frozenset[str]] = frozenset()  # extra vision-side inputs (VISUAL_NEEDS)
+    needs: ClassVar[frozenset[str]] = frozenset()  # extra vision-side inputs (VISUAL_NEEDS); an instance
+    # acting in the encoder stage adds its EncoderStage to its own copy
     composite: ClassVar[bool] = False  # a stack of methods whose stages are its parts' (pipeline)
     # its prefill stage's decisions read the question (FastV: the last prompt token's attention);
     # False for a query-free one, whose prefill over [head + video] serves every question of a video
     prefill_reads_question: ClassVar[bool] = True
     seed: int = 0  # set by the harness; methods that sample draw from a generator seeded by it
 
-    _HOOKS = {"visual": "compress", "prefill": "prefill_policy", "decode": "decode_policy"}
+    _HOOKS = {"encoder": "encoder_policy", "visual": "compress", "prefill": "prefill_policy",
+              "decode": "decode_policy"}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -246,7 +323,11 @@ class Compressor:
                 raise TypeError(f"{cls.__name__}: declares stages {sorted(cls.stages)} but "
                                 f"{'defines' if overridden else 'lacks'} {hook}()")
 
-    # ---- the three stage hooks ------------------------------------------------------------------
+    # ---- the stage hooks ------------------------------------------------------------------------
+    def encoder_policy(self, vision: "VisionShape") -> EncoderPolicy:
+        """A fresh policy for one video through a vision encoder of this shape."""
+        raise TypeError(f"{type(self).__name__} has no encoder stage")
+
     def compress(self, x: VisualInput) -> torch.Tensor | VideoTokens:
         """(M, D) tokens for the LLM, or VideoTokens keeping original positions."""
         raise TypeError(f"{type(self).__name__} has no visual stage")
@@ -264,6 +345,8 @@ class Compressor:
         """Every knob against its declaration, then the method's checks across knobs (`validate`)."""
         type(self).check_knobs(**self.knobs())
         self.validate()
+        if "encoder" in self.stages:  # the vision side must run this very setting
+            self.needs = frozenset(type(self).needs) | {EncoderStage(self)}
 
     def validate(self) -> None:
         """Checks that involve several knobs (a method overrides it); single knobs are declared."""

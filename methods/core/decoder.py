@@ -31,6 +31,16 @@ A policy may also read the keys of a layer after its rotary embedding (`PrefillV
 sequence through the LLM's final norm (`PrefillView.final_norm`: DART), and the (h, w) token grid
 of a frame (`PrefillView.grid`, when the caller gives it).
 
+Two things a family may hand the prefill besides the span (absent, nothing changes):
+- `video_mask`: which entries of the span [start, end) are video tokens; the others are text kept in
+  place (Qwen3-VL's timestamps and frame markers between frames): never counted, offered to a policy
+  or pruned as video tokens. The span starts and ends with a video token;
+- `deepstack`: per level l, (V, D) features of the V video tokens (in prompt order) that are added to
+  the hidden states of the video tokens still present after decoder layer l (Qwen3-VL's DeepStack,
+  `Qwen3VLTextModel._deepstack_process`): a policy that dropped tokens before leaves the kept ones
+  theirs. A policy cannot merge video tokens (give kept ones new hidden states) before the last such
+  layer: a merged token has no features of its own to carry (ValueError).
+
 Attention rows a policy needs come from `methods.core.attention` for the one layer asked, never from
 eager attention. Policies report nothing into harness objects: `Prefill.layer_video_tokens` (video
 tokens each layer's attention saw, which its KV cache holds), `Prefill.layer_mlp_video_tokens` (those
@@ -94,7 +104,8 @@ class PrefillView:
     origin: torch.Tensor  # (n,) index of each entry in the prompt the prefill started with
     video: torch.Tensor  # (v,) indices into the sequence of its video tokens, ascending
     video_start: int  # prompt index of the first video token: origin[video] - video_start is the
-    # index of each video token in the LLM's video input
+    # index of each video token in the LLM's video input (without a video mask; with one, text sits
+    # between video tokens: `video_index` holds their indices)
     query: torch.Tensor  # (q,) indices into the sequence of the text tokens after the video
     mid: bool = False  # between `layer`'s attention and its MLP
     groups: torch.Tensor | None = None  # (v,) group id of each video token, if the visual stage gave them
@@ -319,11 +330,14 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
             policy: PrefillPolicy | None = None, *, use_cache: bool = True, logits_to_keep: int = 0,
             timer: Callable | None = None, video_groups: torch.Tensor | None = None,
             video_index: torch.Tensor | None = None, frame_tokens: int | None = None,
-            grid: tuple[int, int] | None = None) -> Prefill:
+            grid: tuple[int, int] | None = None, video_mask: torch.Tensor | None = None,
+            deepstack: list[torch.Tensor] | None = None) -> Prefill:
     """Run the LLM over `embeds` (1, T, D) at `positions` (..., T): (1, T) sequence positions, or
-    (3, 1, T) M-RoPE positions (Qwen2.5-VL); video tokens at [start, end) (with a group id each in
-    `video_groups` and their index in the F*N visual input in `video_index`, and the (h, w) token
-    grid of a frame in `grid`, for the policy).
+    (3, 1, T) M-RoPE positions (Qwen2.5-VL); video tokens at [start, end) (those marked in
+    `video_mask` (end - start,) bool, if given), with a group id each in `video_groups` and their
+    index in the F*N visual input in `video_index`, and the (h, w) token grid of a frame in `grid`,
+    for the policy; `deepstack`, features added to the video tokens after the first layers (module
+    docstring).
 
     `timer()` (a context manager) times the policy's own work (compressor time).
     """
@@ -337,7 +351,18 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
     start, end = video
     total = embeds.shape[1]
     is_video = torch.zeros(total, dtype=torch.bool, device=device)
-    is_video[start:end] = True
+    if video_mask is None:
+        is_video[start:end] = True
+    else:
+        if video_mask.shape != (end - start,) or not (video_mask[0] and video_mask[-1]):
+            raise ValueError(f"video_mask: expected (end - start,) = ({end - start},) bools, true at both ends "
+                             f"of the span, got shape {tuple(video_mask.shape)}")
+        is_video[start:end] = video_mask.to(device)
+    # index of each prompt entry among the video tokens (valid at video entries)
+    ordinal = None if video_mask is None and deepstack is None else is_video.cumsum(0) - 1
+    if deepstack is not None and any(len(level) != int(is_video.sum()) for level in deepstack):
+        raise ValueError(f"deepstack: expected (V, D) features per level for the {int(is_video.sum())} video "
+                         f"tokens, got {[tuple(level.shape) for level in deepstack]}")
     cache = None
     if use_cache:
         from transformers import DynamicCache
@@ -347,14 +372,14 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
     inputs: dict = {}  # layer -> (module, input, rotary) for attention rows a policy asks for
     mask, stale = None, True  # one mask per run of layers that see the same sequence
     layer_origin, attention_counts, mlp_counts = [], [], []
-    video_count = end - start  # video tokens in the sequence, recounted after each act
+    video_count = int(is_video.sum())  # video tokens in the sequence, recounted after each act
     end_position = positions.amax() + 1  # after the prompt's last position id
     shift, shifts = 0, []  # how far compaction moved the prompt's end back, per layer (0 or a 0-d tensor)
 
     def act(layer: int, at_mid: bool) -> None:
         nonlocal stale, video_count, shift
         video_entries = is_video[seq.origin].nonzero().flatten()
-        present = seq.origin[video_entries] - start
+        present = seq.origin[video_entries] - start if video_mask is None else ordinal[seq.origin[video_entries]]
         groups = None if video_groups is None else video_groups[present]
         index = present if video_index is None else video_index[present]
         view = PrefillView(layer, seq.hidden, seq.positions, seq.origin, video_entries, start,
@@ -362,6 +387,8 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
                            inputs, llm.apply_rotary, grid, llm.norm)
         with _timer(timer):
             keep = policy.act(view)
+            if keep is not None and deepstack is not None and layer < len(deepstack):
+                _check_no_merge(keep, seq.hidden[0, video_entries], layer, len(deepstack))
             if keep is not None:
                 seq.apply(keep, is_video, llm)
                 stale = True
@@ -386,6 +413,11 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
             seq.hidden = _feed_forward(llm, i, seq.hidden)
         else:
             seq.hidden = _run(llm, i, seq.hidden, mask, seq.rotary, cache)
+        if deepstack is not None and i < len(deepstack):  # as _deepstack_process: after the layer
+            entries = is_video[seq.origin].nonzero().flatten()
+            hidden = seq.hidden.clone()
+            hidden[0, entries] = hidden[0, entries] + deepstack[i][ordinal[seq.origin[entries]]].to(hidden.dtype)
+            seq.hidden = hidden
         mlp_counts.append(video_count)
     hidden = seq.hidden[:, -logits_to_keep:] if logits_to_keep else seq.hidden
     logits = llm.head(llm.norm(hidden))
@@ -398,6 +430,14 @@ def prefill(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, video: tupl
             state.position_shift = [int(s) for s in shifts]
             state.decode_compact = getattr(policy, "decode_positions", "prompt") == "cache"
     return Prefill(logits, state, seq.origin, attention_counts, mlp_counts)
+
+
+def _check_no_merge(keep: Keep, video_hidden: torch.Tensor, layer: int, levels: int) -> None:
+    """ValueError if `keep` gives kept video tokens new hidden states before the DeepStack features
+    of layer `levels - 1` have been added (a merged token has none of its own)."""
+    if keep.hidden is not None and not torch.equal(keep.hidden.to(video_hidden.dtype), video_hidden[keep.video]):
+        raise ValueError(f"a prefill policy merges video tokens at layer {layer}, before the DeepStack features "
+                         f"of layers 0-{levels - 1} are added, which a merged token cannot carry")
 
 
 # ---- continuing a cached prompt ---------------------------------------------------------------------

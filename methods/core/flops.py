@@ -38,6 +38,21 @@ class LLMShape:
         return min(highest, max(1, round(official * self.layers / official_depth)))
 
 
+@dataclass(frozen=True)
+class VisionShape:
+    """What an encoder-stage method plans with (methods.core.base.EncoderPolicy): patch tokens per
+    frame, the encoder layers whose output the model uses, their width, FFN size and heads, and the
+    tokens per frame the model gives the LLM without the method (`tokens`: LLaVA-OneVision's pooled
+    14x14 = 196, the micro model's 8x8 = 64; what a retention is a share of)."""
+
+    patches: int
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    tokens: int
+
+
 def attention_flops(n: float, d: int) -> float:
     """Prefill FLOPs of one decoder layer's attention half on n tokens (projections and scores)."""
     return 4 * n * d * d + 2 * n * n * d
@@ -114,12 +129,20 @@ def tokens_within(budget: float, layers: int, text: float, shape: LLMShape, mlp_
     return n - text
 
 
-def encoder_flops(vision_config, frames: int, projector_dim: int | None = None) -> float:
+def encoder_flops(vision_config, frames: int, projector_dim: int | None = None,
+                  layer_tokens: list[tuple[int, int]] | None = None) -> float:
     """FLOPs of the vision encoder on `frames` frames (same convention): patch embedding, every
-    encoder layer on the P patches of a frame, and (given the LLM width) the 2-layer projector."""
+    encoder layer on the P patches of a frame, and (given the LLM width) the 2-layer projector.
+
+    layer_tokens: per encoder layer run, the tokens per frame its attention and its MLP see, where an
+    encoder-stage method merges tokens between the two (ToMe; EncoderPolicy.layer_tokens); the
+    projector then runs on the last MLP's count."""
     side = vision_config.image_size // vision_config.patch_size
-    patches, width = side * side, vision_config.hidden_size
+    patches, width, ffn = side * side, vision_config.hidden_size, vision_config.intermediate_size
+    if layer_tokens is None:
+        layer_tokens = [(patches, patches)] * vision_config.num_hidden_layers
     embed = 2 * patches * 3 * vision_config.patch_size ** 2 * width
-    layers = vision_config.num_hidden_layers * layer_flops(patches, width, vision_config.intermediate_size)
-    projector = 2 * patches * (width + projector_dim) * projector_dim if projector_dim else 0
+    layers = sum(attention_flops(a, width) + mlp_flops(m, width, ffn) for a, m in layer_tokens)
+    out = layer_tokens[-1][1] if layer_tokens else patches
+    projector = 2 * out * (width + projector_dim) * projector_dim if projector_dim else 0
     return frames * (embed + layers + projector)
