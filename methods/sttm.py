@@ -64,10 +64,10 @@ Deviations and choices:
   `root_level` (a side of at least 2 tokens, official `size_per_level`).
 - `weighted_avg`, `sim_per_head` and the slow pairing (official options, off in every preset of
   `run_vidqa.sh`) are not offered.
-- `retention=` calibrates tau_t (rho_tok) in principle (choice of this harness: tau_s stays at its
-  preset), but the count is known only after running layers 0..K-1, and calibration runs no model:
-  a retention target is refused by calibration ("keeps a data-dependent number of tokens"); set
-  tau_s / tau_t directly.
+- `retention=` calibrates tau_t on rho_tok (choice of this harness: tau_s stays at its preset; the
+  official scripts set both per benchmark). The merged count depends on the LLM's states entering
+  layer K, so calibration prefills [head + video] of each calibration document to layer K once
+  (`harness.run.calibrate.layer_states`) and bisects tau_t on those states.
 Defaults: K = 2, root level 1, (tau_s, tau_t) = (0.85, 0.65), the LLaVA-OV-7B VideoMME 50 % preset.
 Other LLaVA-OV-7B presets (50 % / 30 %): EgoSchema (0.90, 0.60) / (0.85, 0.60); LongVideoBench
 (0.90, 0.60) / (0.85, 0.60); MLVU (0.90, 0.55) / (0.85, 0.60); NExT-QA (0.95, 0.65) / (0.90, 0.60);
