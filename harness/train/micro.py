@@ -40,6 +40,8 @@ accuracy per kind on a held-out validation set (not the test split).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import math
@@ -60,7 +62,7 @@ from harness.files import atomic_directory, digest
 from harness.models.model_dir import write_model_dir
 
 MARKER = "MICRO_MODEL.json"
-VERSION = 4  # bump when the training code changes what a recipe produces
+VERSION = 5  # bump when the training code changes what a recipe produces
 VALIDATION_CLIPS = 64
 
 
@@ -217,13 +219,15 @@ def evidence_tokens(labels: np.ndarray, grid: int) -> torch.Tensor:
 
 
 def _short_sample(clip: synth.Clip, count: int, rng: random.Random) -> list[int]:
-    """`count` sorted frame indices spread over the clip with a random shift, one of them a flash frame."""
+    """`count` sorted frame indices spread over the clip with a random shift, one of them a flash frame
+    (put in place of one of the others, never of the last: the latest frame shows how far the mover
+    went, without it a short sample of an early flash leaves the direction to guess)."""
     span = synth.FRAMES - 1
     shift = rng.uniform(0, span / count)
     idx = sorted({min(span, int(shift + span * k / count)) for k in range(count)})
     start, end = clip.flash
     if not any(start <= i < end for i in idx):
-        j = rng.randrange(len(idx))
+        j = rng.randrange(max(1, len(idx) - 1))
         idx[j] = rng.randrange(start, end)
         idx = sorted(set(idx))
     while len(idx) < count:  # a collision above: fill with unused frames
@@ -428,6 +432,21 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr, leave=False)
 
 
+@contextlib.contextmanager
+def _ahead(make, count: int):
+    """`count` results of `make()`, each made in a background thread while the previous one is used:
+    generating a batch of clips (numpy, the codec) takes about as long as a training step, and
+    runs beside it. One thread calls `make` in order, so the stream is the same as inline."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        def stream():
+            pending = pool.submit(make) if count else None
+            for i in range(count):
+                current = pending.result()
+                pending = pool.submit(make) if i + 1 < count else None
+                yield current
+        yield stream()
+
+
 def _step(loss, params, optimizer, schedule) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -452,9 +471,9 @@ def train_vision(model, recipe: dict, rng: random.Random, progress: bool) -> flo
     rows = torch.arange(grid).repeat_interleave(grid)
     cols = torch.arange(grid).repeat(grid)
     loss_avg = None
-    with _bar(spec["steps"], "micro model: vision", progress) as bar:
-        for _ in range(spec["steps"]):
-            frames, labels = synth.scene_frames(rng, spec["batch"])
+    with _bar(spec["steps"], "micro model: vision", progress) as bar, \
+            _ahead(lambda: synth.scene_frames(rng, spec["batch"]), spec["steps"]) as batches:
+        for frames, labels in batches:
             hidden = _encoder_states(model, _pixels(frames, size))
             tokens = model.model.apply_pooling(model.model.multi_modal_projector(hidden))  # (B, N, D)
             target = token_targets(labels, grid)
@@ -487,9 +506,9 @@ def train_language(model, prompts: Prompts, recipe: dict, clips, rng: random.Ran
         schedule = _schedule(optimizer, stage["steps"], stage.get("warmup", spec["warmup"]))
         count = stage["frames"]
         loss_avg = None
-        with _bar(stage["steps"], f"micro model: language, {count} frames", progress) as bar:
-            for _ in range(stage["steps"]):
-                batch = clips.take(stage["batch"], stage.get("sides"))
+        with _bar(stage["steps"], f"micro model: language, {count} frames", progress) as bar, \
+                _ahead(lambda: clips.take(stage["batch"], stage.get("sides")), stage["steps"]) as batches:
+            for batch in batches:
                 frame_lists = [_frames_for(c, count, recipe["frames"], rng) for c in batch]
                 logits, targets = language_batch(model, prompts, batch, frame_lists, augment=reduction.for_batch())
                 value = _step(nnf.cross_entropy(logits, targets), params, optimizer, schedule)
