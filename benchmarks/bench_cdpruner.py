@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (see above)
@@ -35,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import best_times, once
 from methods.cdpruner import cdpruner_compress
 from tests.reference.cdpruner import reference_cdpruner
 
@@ -93,24 +93,6 @@ def official_select(image_features: torch.Tensor, text_embeds: torch.Tensor, vis
     return torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, select_idx, True)
 
 
-def cpu_times(fns: dict, repeats: int) -> dict:
-    best = {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-    return best
-
-
-def once(fn):
-    start = time.perf_counter()
-    out = fn()
-    return (time.perf_counter() - start) * 1e3, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="r = 0.25 only, fewer repetitions, no scope video")
@@ -130,9 +112,9 @@ def main() -> None:
     worst = 0.0
     for retention in retentions:
         k = max(1, round(retention * TOKENS))
-        t = cpu_times({"ours": lambda: cdpruner_compress(x, question, retention),
-                       "floor": floor_fn(x, question, FRAMES * k),
-                       "official": lambda: official_select(x, question, k)}, repeats)
+        t = best_times({"ours": lambda: cdpruner_compress(x, question, retention),
+                        "floor": floor_fn(x, question, FRAMES * k),
+                        "official": lambda: official_select(x, question, k)}, repeats)
         keep = cdpruner_compress(x64, question64, retention).positions
         same = torch.equal(official_select(x64, question64, k).flatten().nonzero().flatten(), keep)
         worst = max(worst, t["ours"] / t["floor"])
@@ -149,7 +131,7 @@ def main() -> None:
 
     small, words = make_input(8, TOKENS, 256, WORDS, seed=1)
     small64 = small.double()
-    ours_ms = cpu_times({"ours": lambda: cdpruner_compress(small, words, 0.25)}, 5)["ours"]
+    ours_ms = best_times({"ours": lambda: cdpruner_compress(small, words, 0.25)}, 5)["ours"]
     literal_ms, ref = once(lambda: reference_cdpruner(small64, words.double(), 0.25))
     same = cdpruner_compress(small64, words.double(), 0.25).positions.tolist() == ref.keep
     print(f"\nliteral (Python loops, float64) at 8x{TOKENS}x256, {WORDS} question tokens, r=0.25: {literal_ms:.0f} ms "

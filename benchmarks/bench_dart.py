@@ -12,7 +12,7 @@
    The literal reference (tests/reference/dart.py: Python sets and loops, float64) is run once on
    the same inputs and checked to keep the same set.
 2. A whole prefill through the shared driver on a random Qwen2 LLM with 0.5B layer shapes
-   (bench_pdrop.py's) and 8 layers, F frames + 100 text tokens: prefill time without a policy and
+   (benchmarks/common.py's) and 8 layers, F frames + 100 text tokens: prefill time without a policy and
    with DART (keep 0.222), the policy's own time inside it (the driver's timer, what the harness
    reports as compressor time), and the prefill time it saves.
 
@@ -23,8 +23,6 @@ On a loaded machine, torch's 2 threads wait on each other at every small op (abo
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,10 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_pdrop import TEXT, Stopwatch, best_times, qwen2, video_prompt
-from methods.core import decoder
+from benchmarks.common import (
+    TEXT,
+    best_times,
+    llm_stage_main,
+    ours_vs_floor,
+    part_prefill,
+    video_prompt,
+)
 from methods.core.decoder import PrefillView
-from methods.core.flops import LLMShape, retention_numbers
+from methods.core.flops import LLMShape
 from methods.core.similarity import normalized
 from methods.dart import DART
 from tests.reference.dart import reference_select
@@ -93,54 +97,16 @@ def part_selection(frames, repeats):
         assert (video[kept]).tolist() == ref.kept
         t = best_times({"ours": ours, "floor": floor}, repeats)
     print(f"1. selection before layer 2, 7B shapes, {frames}x196 video + {TEXT} text, float32: keeps {len(kept)}")
-    print(f"   ours {t['ours']:8.1f} ms   floor {t['floor']:8.1f} ms   ours/floor {t['ours'] / t['floor']:.2f}"
-          f"   (literal reference: {literal:.0f} ms, same kept set)")
+    print(ours_vs_floor(t) + f"   (literal reference: {literal:.0f} ms, same kept set)")
     return t["ours"] / t["floor"]
 
 
-def part_prefill(frames, repeats):
-    model, llm = qwen2(896, 4864, 8, 14, 2)
-    shape = llm.shape
-    embeds, positions, span = video_prompt(frames, 896)
-    video = span[1] - span[0]
-    compressor = DART(keep=KEEP)
-    watch = Stopwatch()
-    counts = {}
-
-    def none():
-        return decoder.prefill(llm, embeds, positions, span, None, logits_to_keep=1)
-
-    def dart():
-        out = decoder.prefill(llm, embeds, positions, span, compressor.prefill_policy(shape), logits_to_keep=1,
-                              timer=watch)
-        counts["layers"] = out.layer_video_tokens
-        return out
-
-    with torch.inference_mode():
-        t = best_times({"none": none, "dart": dart}, repeats)
-        watch.total = 0.0
-        dart()
-        policy_ms = watch.total * 1e3
-    flops = retention_numbers(video, embeds.shape[1] - video, counts["layers"], shape)["rho_flops"]
-    saved = t["none"] - (t["dart"] - policy_ms)
-    print(f"2. prefill, random Qwen2 with 0.5B layer shapes, 8 layers, {frames}x196 video + {TEXT} text")
-    print(f"   none {t['none']:8.1f} ms   dart {t['dart']:8.1f} ms (rho_flops {flops:.3f}, layers {counts['layers']})")
-    print(f"   policy's own time {policy_ms:.1f} ms = {100 * policy_ms / t['dart']:.1f}% of its prefill; "
-          f"LLM time saved {saved:.1f} ms; policy/saved {policy_ms / saved:.3f}")
+def prefill(frames, repeats):
+    part_prefill("dart", DART(keep=KEEP), frames, repeats)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, 4 frames in part 2")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    repeats = 2 if args.quick else 4
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; load average "
-          f"{os.getloadavg()[0]:.2f}; times: best of {repeats} interleaved runs")
-    ratio = part_selection(32, repeats)
-    part_prefill(4 if args.quick else 8, repeats)
-    print(f"\nselection ours/floor {ratio:.2f} (target <= 2); load average {os.getloadavg()[0]:.2f}")
+    llm_stage_main(__doc__, lambda repeats: part_selection(32, repeats), prefill, "selection ours/floor")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (see above)
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import best_times, once
 from methods.divprune import divprune_budget, divprune_compress, divprune_select
 from tests.reference.divprune import official_style_select, reference_select
 
@@ -106,24 +106,6 @@ def divergence(ours: torch.Tensor, other: torch.Tensor, flat: torch.Tensor) -> s
     return f"step {step} (gap {gap:.0e})"
 
 
-def cpu_times(fns: dict, repeats: int) -> dict:
-    best = {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-    return best
-
-
-def once(fn):
-    start = time.perf_counter()
-    out = fn()
-    return (time.perf_counter() - start) * 1e3, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no slow comparators")
@@ -147,7 +129,7 @@ def main() -> None:
         for retention in (0.25, 0.1):
             n = frames * per_frame if scope == "video" else per_frame
             k = divprune_budget(retention, n)
-            t = cpu_times({"ours": lambda: divprune_compress(x, retention, scope), "floor": floor}, repeats)
+            t = best_times({"ours": lambda: divprune_compress(x, retention, scope), "floor": floor}, repeats)
             ratios.append(t["ours"] / t["floor"])
             official = stream = None
             same = "-"
@@ -165,7 +147,7 @@ def main() -> None:
     small = make_input(2, 196, 256, seed=1)
     n = small.shape[0] * small.shape[1]
     k = divprune_budget(0.25, n)
-    ours_ms = cpu_times({"ours": lambda: divprune_compress(small, 0.25)}, 5)["ours"]
+    ours_ms = best_times({"ours": lambda: divprune_compress(small, 0.25)}, 5)["ours"]
     literal_ms, ref = once(lambda: reference_select(small.reshape(n, -1), k, dtype=torch.float32))
     same = torch.equal(divprune_select(small.reshape(1, n, -1), k)[0], torch.tensor(ref.picks))
     print(f"\nliteral (Python loops) at 2x196x256, r=0.25, k={k}: {literal_ms:.0f} ms vs ours "

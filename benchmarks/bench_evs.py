@@ -33,6 +33,7 @@ import torch.nn.functional as nnf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import best_times
 from methods.evs import evs_budget, evs_compress
 from tests.reference.evs import reference_evs
 
@@ -72,18 +73,6 @@ def vllm_mask(x: torch.Tensor, retention: float) -> torch.Tensor:
     return mask
 
 
-def cpu_times(fns: dict, repeats: int) -> dict:
-    best = {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="retention 0.25 only, fewer repetitions")
@@ -101,8 +90,8 @@ def main() -> None:
     print("-" * len(header))
     worst = 0.0
     for retention in retentions:
-        t = cpu_times({"ours": lambda: evs_compress(x, retention), "floor": floor_fn(x, retention),
-                       "vllm": lambda: vllm_mask(x, retention)}, repeats)
+        t = best_times({"ours": lambda: evs_compress(x, retention), "floor": floor_fn(x, retention),
+                        "vllm": lambda: vllm_mask(x, retention)}, repeats)
         keep = evs_compress(x, retention).positions
         same = torch.equal(vllm_mask(x, retention).nonzero().flatten(), keep)
         worst = max(worst, t["ours"] / t["floor"])
@@ -111,7 +100,7 @@ def main() -> None:
               f"{'same' if same else 'DIFFER'}", flush=True)
 
     small = make_input(FRAMES, TOKENS, 256, seed=1)
-    ours_ms = cpu_times({"ours": lambda: evs_compress(small, 0.25)}, 5)["ours"]
+    ours_ms = best_times({"ours": lambda: evs_compress(small, 0.25)}, 5)["ours"]
     start = time.perf_counter()
     ref = reference_evs(small, 0.25)
     literal_ms = (time.perf_counter() - start) * 1e3

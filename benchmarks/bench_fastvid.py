@@ -34,27 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import cuda_times, scene_lengths, wall_and_cpu_times
 from methods.core.similarity import normalized
 from methods.fastvid import anchor_plan, budgets, fastvid_compress, segment_bounds
 from tests.reference.fastvid import reference_fastvid
 
-SCENE_LENGTHS = [1, 3, 10, 4, 2, 6, 1, 5]  # 32 frames
-
 
 def make_input(kind: str, frames: int, per_frame: int, dim: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    if kind == "cuts":
-        lengths = [1] * frames
-    else:
-        lengths, total = [], 0
-        for length in SCENE_LENGTHS * 4:
-            length = min(length, frames - total)
-            if length <= 0:
-                break
-            lengths.append(length)
-            total += length
     parts = []
-    for length in lengths:
+    for length in scene_lengths(kind, frames):
         centroids = torch.randn(per_frame // 4, dim, generator=g)
         base = centroids[torch.randint(0, per_frame // 4, (per_frame,), generator=g)]
         base = base + 0.5 * torch.randn(per_frame, dim, generator=g)
@@ -90,39 +79,6 @@ def floor_fn(x, saliency, glob, retention):
     return run, len(anchor_frames), len(units)
 
 
-def cpu_times(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Minimum wall time and minimum process CPU time (ms) of each function over interleaved
-    repetitions, after a warm-up. On a shared machine the wall time includes the time the process
-    waits for a core; the CPU time counts only what it ran (both threads)."""
-    wall, cpu = {}, {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            wall[name] = min(wall.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-            cpu[name] = min(cpu.get(name, float("inf")), (time.process_time() - start_cpu) * 1e3)
-    return wall, cpu
-
-
-def cuda_times(fns: dict, repeats: int) -> dict:
-    best = {}
-    for fn in fns.values():
-        fn()
-        fn()
-    torch.cuda.synchronize()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            best[name] = min(best.get(name, float("inf")), start.elapsed_time(end))
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16x196x896 only, fewer repetitions")
@@ -146,8 +102,8 @@ def main() -> None:
             out = ours(x, saliency, glob, retention)
             floor, anchors, units = floor_fn(x, saliency, glob, retention)
             segs = len(segment_bounds(glob, 8, 0.9))
-            t, c = cpu_times({"ours": lambda: ours(x, saliency, glob, retention), "floor": floor},
-                             repeats)
+            t, c = wall_and_cpu_times({"ours": lambda: ours(x, saliency, glob, retention), "floor": floor},
+                                      repeats)
             start = time.perf_counter()
             ref = reference_fastvid(x, saliency, glob, retention, noise_seed=0)
             lit_ms = (time.perf_counter() - start) * 1e3

@@ -36,28 +36,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import cuda_times, scene_lengths, wall_and_cpu_times
 from methods.core.clustering import pairwise_distance
 from methods.core.similarity import normalized
 from methods.flashvid import flashvid_visual
 from tests.reference.flashvid import reference_flashvid
 
-SCENE_LENGTHS = [1, 3, 10, 4, 2, 6, 1, 5]  # 32 frames
-
 
 def make_input(kind: str, frames: int, per_frame: int, dim: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    if kind == "cuts":
-        lengths = [1] * frames
-    else:
-        lengths, total = [], 0
-        for length in SCENE_LENGTHS * 4:
-            length = min(length, frames - total)
-            if length <= 0:
-                break
-            lengths.append(length)
-            total += length
     parts = []
-    for length in lengths:
+    for length in scene_lengths(kind, frames):
         centroids = torch.randn(per_frame // 4, dim, generator=g)
         base = centroids[torch.randint(0, per_frame // 4, (per_frame,), generator=g)]
         base = base + 0.5 * torch.randn(per_frame, dim, generator=g) + 0.3
@@ -91,38 +80,6 @@ def floor_fn(x, out):
     return run, len(clustered)
 
 
-def cpu_times(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Minimum wall time and minimum process CPU time (ms) of each function over interleaved
-    repetitions, after a warm-up."""
-    wall, cpu = {}, {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            wall[name] = min(wall.get(name, math.inf), (time.perf_counter() - start) * 1e3)
-            cpu[name] = min(cpu.get(name, math.inf), (time.process_time() - start_cpu) * 1e3)
-    return wall, cpu
-
-
-def cuda_times(fns: dict, repeats: int) -> dict:
-    best = {}
-    for fn in fns.values():
-        fn()
-        fn()
-    torch.cuda.synchronize()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            best[name] = min(best.get(name, math.inf), start.elapsed_time(end))
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16x196x896 only, fewer repetitions")
@@ -146,7 +103,7 @@ def main() -> None:
             out = ours(x, scores, retention)
             floor, clustered = floor_fn(x, out)
             run = lambda x=x, scores=scores, retention=retention: ours(x, scores, retention)
-            t, c = cpu_times({"ours": run, "floor": floor}, repeats)
+            t, c = wall_and_cpu_times({"ours": run, "floor": floor}, repeats)
             literal, check, lit_ms = "", "", math.nan
             if not args.no_literal:
                 start = time.perf_counter()

@@ -11,7 +11,7 @@
    (Python loops, float64), one run. The pruning site's work is one attention row at one layer,
    PyramidDrop's ranking (benchmarks/bench_pdrop.py, part 1).
 2. A whole prefill through the shared driver on a random Qwen2 LLM with 0.5B layer shapes and 8
-   layers (bench_pdrop.py's), F frames + 100 text tokens: prefill time without a policy and with
+   layers (benchmarks/common.py's), F frames + 100 text tokens: prefill time without a policy and with
    FrameFusion (cost 0.3), the policy's own time inside it (the driver's timer, the harness's
    compressor time, which includes the driver applying the merges) and the prefill time it saves.
 
@@ -22,8 +22,6 @@ On a loaded machine, torch's 2 threads wait on each other at every small op (abo
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,9 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_pdrop import TEXT, Stopwatch, best_times, qwen2, video_prompt
-from methods.core import decoder
-from methods.core.flops import retention_numbers
+from benchmarks.common import best_times, llm_stage_main, part_prefill
 from methods.framefusion import FrameFusion, merge_step
 from tests.reference.framefusion import reference_merge_step
 
@@ -91,50 +87,12 @@ def part_merge(repeats):
     return worst
 
 
-def part_prefill(frames, repeats):
-    model, llm = qwen2(896, 4864, 8, 14, 2)
-    shape = llm.shape
-    embeds, positions, span = video_prompt(frames, 896)
-    video = span[1] - span[0]
-    compressor = FrameFusion(cost=0.3)
-    watch = Stopwatch()
-    counts = {}
-
-    def none():
-        return decoder.prefill(llm, embeds, positions, span, None, logits_to_keep=1)
-
-    def fused():
-        out = decoder.prefill(llm, embeds, positions, span, compressor.prefill_policy(shape),
-                              logits_to_keep=1, timer=watch, frame_tokens=196)
-        counts["layers"], counts["mlp"] = out.layer_video_tokens, out.layer_mlp_video_tokens
-        return out
-
-    with torch.inference_mode():
-        t = best_times({"none": none, "framefusion": fused}, repeats)
-        watch.total = 0.0
-        fused()
-        policy_ms = watch.total * 1e3
-    flops = retention_numbers(video, embeds.shape[1] - video, counts["layers"], shape, counts["mlp"])["rho_flops"]
-    saved = t["none"] - (t["framefusion"] - policy_ms)
-    print(f"2. prefill, random Qwen2 with 0.5B layer shapes, 8 layers, {frames}x196 video + {TEXT} text")
-    print(f"   none {t['none']:8.1f} ms   framefusion {t['framefusion']:8.1f} ms (rho_flops {flops:.3f}, "
-          f"attention {counts['layers']}, MLP {counts['mlp']})")
-    print(f"   policy's own time {policy_ms:.1f} ms = {100 * policy_ms / t['framefusion']:.1f}% of its "
-          f"prefill; LLM time saved {saved:.1f} ms; policy/saved {policy_ms / saved:.3f}")
+def prefill(frames, repeats):
+    part_prefill("framefusion", FrameFusion(cost=0.3), frames, repeats, mlp=True, frame_tokens=196)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, 4 frames in part 2")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    repeats = 2 if args.quick else 4
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; load average "
-          f"{os.getloadavg()[0]:.2f}; times: best of {repeats} interleaved runs")
-    worst = part_merge(repeats)
-    part_prefill(4 if args.quick else 8, repeats)
-    print(f"\nmerge site worst ours/floor {worst:.2f} (target <= 2); load average {os.getloadavg()[0]:.2f}")
+    llm_stage_main(__doc__, part_merge, prefill, "merge site worst ours/floor")
 
 
 if __name__ == "__main__":

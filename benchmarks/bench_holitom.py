@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import once
 from methods.core.clustering import pairwise_distance
 from methods.core.similarity import normalized, same_position_similarity
 from methods.holitom import holitom_visual, inner_merge
@@ -131,12 +132,6 @@ def best_times(fns: dict, repeats: int) -> dict:
             old = best.get(name, (math.inf, math.inf))
             best[name] = (min(old[0], wall), min(old[1], cpu))
     return best
-
-
-def once(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return (time.perf_counter() - start) * 1e3, out
 
 
 def main() -> None:

@@ -21,80 +21,24 @@ On a loaded machine, torch's 2 threads wait on each other at every small op (abo
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods.core import decoder
+from benchmarks.common import (
+    TEXT,
+    best_times,
+    llm_stage_main,
+    ours_vs_floor,
+    part_prefill,
+    video_prompt,
+)
 from methods.core.decoder import PrefillView
-from methods.core.flops import LLMShape, retention_numbers
+from methods.core.flops import LLMShape
 from methods.pdrop import PyramidDrop
-
-TEXT = 100
-
-
-def qwen2(hidden, ffn, layers, heads, kv_heads, vocab=1024, seed=0):
-    """A random Qwen2 causal LM (SDPA) and the driver's handle on it."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=32768)
-    config._attn_implementation = "sdpa"
-    model = Qwen2ForCausalLM(config).eval()
-    lm = model.model
-    return model, decoder.LLM(embed=lm.embed_tokens, layers=lm.layers, rotary=lm.rotary_emb, norm=lm.norm,
-                              head=model.lm_head, config=config, apply_rotary=apply_rotary_pos_emb)
-
-
-def video_prompt(frames, dim, seed=0, static=0.5):
-    """(1, n, dim) embeddings: TEXT/2 text entries, F*196 video entries (a share `static` of the grid
-    positions repeat with small noise across frames, the rest change), TEXT/2 text entries."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(196, dim, generator=g)
-    noise = torch.where(torch.rand(196, generator=g) < static, 0.05, 2.0)
-    video = base[None] + noise[None, :, None] * torch.randn(frames, 196, dim, generator=g)
-    text = torch.randn(TEXT, dim, generator=g)
-    embeds = torch.cat([text[:TEXT // 2], video.flatten(0, 1), text[TEXT // 2:]])[None] * 0.02
-    start = TEXT // 2
-    return embeds, torch.arange(embeds.shape[1])[None], (start, start + frames * 196)
-
-
-class Stopwatch:
-    """The driver's `timer`: accumulates the time spent inside the policy."""
-
-    def __init__(self):
-        self.total = 0.0
-
-    @contextmanager
-    def __call__(self):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.total += time.perf_counter() - start
-
-
-def best_times(fns: dict, repeats: int) -> dict:
-    """Minimum wall time (ms) of each function over interleaved repetitions, after a warm-up."""
-    best = {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-    return best
 
 
 def ranking_view(frames, seed=0):
@@ -149,55 +93,16 @@ def part_ranking(frames, repeats):
         assert ours().video.tolist() == literal()
         t = best_times({"ours": ours, "floor": floor, "literal": literal}, repeats)
     print(f"1. ranking one stage, 7B shapes, {frames}x196 video + {TEXT} text, float32")
-    print(f"   ours {t['ours']:8.1f} ms   floor {t['floor']:8.1f} ms   ours/floor {t['ours'] / t['floor']:.2f}"
-          f"   (the literal ranking, a Python sort of the {video} scores: {t['literal']:.1f} ms, same kept set)")
+    print(ours_vs_floor(t) + f"   (the literal ranking, a Python sort of the {video} scores: {t['literal']:.1f} ms, same kept set)")
     return t["ours"] / t["floor"]
 
 
-def part_prefill(frames, repeats):
-    model, llm = qwen2(896, 4864, 8, 14, 2)
-    shape = llm.shape
-    embeds, positions, span = video_prompt(frames, 896)
-    video = span[1] - span[0]
-    compressor = PyramidDrop(lambda_=0.5)
-    watch = Stopwatch()
-    counts = {}
-
-    def none():
-        return decoder.prefill(llm, embeds, positions, span, None, logits_to_keep=1)
-
-    def pdrop():
-        out = decoder.prefill(llm, embeds, positions, span, compressor.prefill_policy(shape), logits_to_keep=1,
-                              timer=watch)
-        counts["layers"] = out.layer_video_tokens
-        return out
-
-    with torch.inference_mode():
-        t = best_times({"none": none, "pdrop": pdrop}, repeats)
-        watch.total = 0.0
-        pdrop()
-        policy_ms = watch.total * 1e3
-    flops = retention_numbers(video, embeds.shape[1] - video, counts["layers"], shape)["rho_flops"]
-    saved = t["none"] - (t["pdrop"] - policy_ms)
-    print(f"2. prefill, random Qwen2 with 0.5B layer shapes, 8 layers, {frames}x196 video + {TEXT} text")
-    print(f"   none {t['none']:8.1f} ms   pdrop {t['pdrop']:8.1f} ms (rho_flops {flops:.3f}, layers "
-          f"{counts['layers']})")
-    print(f"   policy's own time {policy_ms:.1f} ms = {100 * policy_ms / t['pdrop']:.1f}% of its prefill; "
-          f"LLM time saved {saved:.1f} ms; policy/saved {policy_ms / saved:.3f}")
+def prefill(frames, repeats):
+    part_prefill("pdrop", PyramidDrop(lambda_=0.5), frames, repeats)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, 4 frames in part 2")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    repeats = 2 if args.quick else 4
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; load average "
-          f"{os.getloadavg()[0]:.2f}; times: best of {repeats} interleaved runs")
-    ratio = part_ranking(32, repeats)
-    part_prefill(4 if args.quick else 8, repeats)
-    print(f"\nranking ours/floor {ratio:.2f} (target <= 2); load average {os.getloadavg()[0]:.2f}")
+    llm_stage_main(__doc__, lambda repeats: part_ranking(32, repeats), prefill, "ranking ours/floor")
 
 
 if __name__ == "__main__":

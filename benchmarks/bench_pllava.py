@@ -27,6 +27,7 @@ import torch.nn.functional as nnf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import best_times
 from methods.pllava import pllava_pool, pooling_shape
 from tests.reference.pllava import reference_pllava
 
@@ -46,19 +47,6 @@ def floor_fn(x: torch.Tensor, out_tokens: int):
         return x.sum(dim=1), x.view(-1, DIM)[:out_tokens].clone()
 
     return run
-
-
-def cpu_times(fns: dict, repeats: int, clock=time.perf_counter) -> dict:
-    """Minimum time (ms) of each function over interleaved repetitions, after a warm-up."""
-    best = {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (clock() - start) * 1e3)
-    return best
 
 
 def main() -> None:
@@ -82,8 +70,8 @@ def main() -> None:
     for retention, temporal in settings:
         shape = pooling_shape(FRAMES, (14, 14), retention, temporal)
         m = shape[0] * shape[1] * shape[2]
-        t = cpu_times({"ours": lambda r=retention, t=temporal: pllava_pool(x, (14, 14), r, t),
-                       "floor": floor_fn(x, m), "pool3d": lambda s=shape: pool3d(x, s)}, repeats, clock)
+        t = best_times({"ours": lambda r=retention, t=temporal: pllava_pool(x, (14, 14), r, t),
+                        "floor": floor_fn(x, m), "pool3d": lambda s=shape: pool3d(x, s)}, repeats, clock)
         start = time.perf_counter()
         ref = reference_pllava(x, (14, 14), retention, temporal)
         literal_ms = (time.perf_counter() - start) * 1e3

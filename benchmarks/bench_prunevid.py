@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import best_times
 from methods.core.attention import project
 from methods.core.similarity import normalized, segment_ids
 from methods.prunevid import (
@@ -100,18 +101,6 @@ def merge(part: torch.Tensor) -> torch.Tensor:
     label = (torch.arange(n) % max(1, n // 2)).expand(batch, n)
     sums = torch.zeros(batch, max(1, n // 2), dim)
     return sums.scatter_add_(1, label[:, :, None].expand(-1, -1, dim), part)
-
-
-def best_times(fns: dict, repeats: int) -> dict:
-    for fn in fns.values():
-        fn()
-    best = {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-    return best
 
 
 def scoring_layer(dim: int = 3584, heads: int = 28, kv_heads: int = 4):

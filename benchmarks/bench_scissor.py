@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import best_times, cuda_times
 from methods.scissor import scissor_compress, semantic_connected_components
 from tests.reference.scissor import (
     reference_code_style_scissor,
@@ -104,36 +105,6 @@ def spatial_count(x: torch.Tensor) -> int:
     return sum(semantic_connected_components(frame, TAU, EPSILON)[1] for frame in x)
 
 
-def cpu_times(fns: dict, repeats: int) -> dict:
-    """Minimum wall time (ms) of each function over interleaved repetitions, after a warm-up."""
-    best = {}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-    return best
-
-
-def cuda_times(fns: dict, repeats: int) -> dict:
-    best = {}
-    for fn in fns.values():
-        fn()
-        fn()
-    torch.cuda.synchronize()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            best[name] = min(best.get(name, float("inf")), start.elapsed_time(end))
-    return best
-
-
 def time_slow(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
     """Best of up to `repeats` runs, stopping early once the next run would pass the budget."""
     best, total, out = float("inf"), 0.0, None
@@ -175,7 +146,7 @@ def main() -> None:
             x = make_input(kind, frames, per_frame, dim)
             y = ours(x)
             r, m = spatial_count(x), y.shape[0]
-            t = cpu_times({"ours": lambda x=x: ours(x), "floor": floor_fn(x, r, m)}, repeats)
+            t = best_times({"ours": lambda x=x: ours(x), "floor": floor_fn(x, r, m)}, repeats)
             lit_ms, lit_out = time_slow(literal, x, slow_repeats)
             ref_ms, ref_out = time_slow(reference_style, x, slow_repeats)
             same = agrees(y, lit_out) and agrees(y, ref_out)

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import best_times
 from methods.vidcom2 import vidcom2_compress, vidcom2_keep
 from tests.reference.vidcom2 import official_style_vidcom2, reference_vidcom2
 
@@ -60,18 +61,6 @@ def floor_fn(x: torch.Tensor, kept: torch.Tensor):
     return run
 
 
-def cpu_times(fns: dict, repeats: int) -> dict:
-    best = {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no literal run")
@@ -93,8 +82,8 @@ def main() -> None:
         y = vidcom2_compress(x, retention)
         same = torch.equal(y, official_style_vidcom2(x, retention))
         kept = vidcom2_keep(x, retention).flatten().nonzero().squeeze(1)
-        t = cpu_times({"ours": lambda: vidcom2_compress(x, retention), "floor": floor_fn(x, kept),
-                       "official": lambda: official_style_vidcom2(x, retention)}, repeats)
+        t = best_times({"ours": lambda: vidcom2_compress(x, retention), "floor": floor_fn(x, kept),
+                        "official": lambda: official_style_vidcom2(x, retention)}, repeats)
         ratios.append(t["ours"] / t["floor"])
         print(f"{f'{frames}x{per_frame}x{dim}':12} {retention:5.2f} {y.shape[0]:5d} "
               f"{y.shape[0] / (frames * per_frame):7.3f} {t['ours']:8.1f} {t['floor']:8.1f} "
@@ -102,7 +91,7 @@ def main() -> None:
               f"{'same' if same else 'DIFFER'}", flush=True)
     if not args.quick:
         small = make_input(4, 196, 64, seed=1)
-        ours_ms = cpu_times({"ours": lambda: vidcom2_compress(small, 0.25)}, 10)["ours"]
+        ours_ms = best_times({"ours": lambda: vidcom2_compress(small, 0.25)}, 10)["ours"]
         start = time.perf_counter()
         ref = reference_vidcom2(small, 0.25)
         literal_ms = (time.perf_counter() - start) * 1e3

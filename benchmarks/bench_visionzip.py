@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods
+from benchmarks.common import best_times
 from methods.core.base import VisualInput
 from methods.topk import pooled_scores
 from methods.visionzip import token_split
@@ -62,19 +63,6 @@ def floor_fn(x: VisualInput, retention: float):
     return run
 
 
-def cpu_times(fns: dict, repeats: int, clock=time.perf_counter) -> dict:
-    """Minimum time (ms) of each function over interleaved repetitions, after a warm-up."""
-    best = {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (clock() - start) * 1e3)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="r = 0.25 only, fewer repetitions")
@@ -95,7 +83,7 @@ def main() -> None:
     worst = 0.0
     for retention in retentions:
         compressor = methods.build("visionzip", retention=retention)
-        t = cpu_times({"ours": lambda c=compressor: c.compress(x), "floor": floor_fn(x, retention)}, repeats, clock)
+        t = best_times({"ours": lambda c=compressor: c.compress(x), "floor": floor_fn(x, retention)}, repeats, clock)
         start = time.perf_counter()
         ref = reference_visionzip(x.features, x.patch_scores, x.patch_keys, x.grid, retention)
         literal_ms = (time.perf_counter() - start) * 1e3

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (see above)
@@ -40,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import best_times, once
 from methods.vispruner import vispruner_compress, vispruner_split
 from tests.reference.vispruner import reference_vispruner
 
@@ -105,24 +105,6 @@ def pair_coverage(x: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[int, i
     return len(seen), r0 * (r0 - 1) // 2
 
 
-def cpu_times(fns: dict, repeats: int) -> dict:
-    best = {}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1e3)
-    return best
-
-
-def once(fn):
-    start = time.perf_counter()
-    out = fn()
-    return (time.perf_counter() - start) * 1e3, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="r = 0.25 only, fewer repetitions, no scope video")
@@ -142,9 +124,9 @@ def main() -> None:
     worst = 0.0
     for retention in retentions:
         k = max(1, round(retention * TOKENS))
-        t = cpu_times({"ours": lambda: vispruner_compress(x, scores, retention),
-                       "floor": floor_fn(x, FRAMES * k),
-                       "official": lambda: official_select(x, scores, k)}, repeats)
+        t = best_times({"ours": lambda: vispruner_compress(x, scores, retention),
+                        "floor": floor_fn(x, FRAMES * k),
+                        "official": lambda: official_select(x, scores, k)}, repeats)
         literal_ms, _ = once(lambda: reference_vispruner(x, scores, retention, dtype=torch.float32))
         # kept sets compared in float64: in float32 the smallest gap between two A-scores of a round is
         # ~1e-8 at this size (hundreds of thousands of scores near 0.8), below float32 round-off

@@ -90,21 +90,8 @@ class Qwen2_5_VL(VideoLLM):
     def _preprocessing(self) -> QwenPreprocessing:
         """The checkpoint's normalisation and patch sizes (its preprocessor config, else the
         Qwen2VLVideoProcessor defaults); they must agree with the vision tower's config."""
-        path, cfg = preprocessor_config(self.directory)
-        pre = QwenPreprocessing(
-            mean=list(cfg.get("image_mean", CLIP_MEAN)), std=list(cfg.get("image_std", CLIP_STD)),
-            rescale=float(cfg.get("rescale_factor", 1 / 255)), patch_size=int(cfg.get("patch_size", 14)),
-            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)), merge_size=int(cfg.get("merge_size", 2)))
-        for key, model_key in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
-                               ("merge_size", "spatial_merge_size")):
-            if getattr(pre, key) != getattr(self.vision, model_key):
-                raise ModelLoadError(f"{path}: {key}={getattr(pre, key)} but the vision config has "
-                                     f"{model_key}={getattr(self.vision, model_key)}: expected them equal")
-        for key in ("do_resize", "do_rescale", "do_normalize"):
-            if cfg.get(key, True) is not True:
-                raise ModelLoadError(f"{path}: {key}={cfg[key]!r}: the harness implements Qwen2.5-VL's "
-                                     f"video preprocessing with {key}=true")
-        return pre
+        return read_preprocessing(self.directory, self.vision, CLIP_MEAN, CLIP_STD, 14,
+                                  ("do_resize", "do_rescale", "do_normalize"), "Qwen2.5-VL")
 
     @classmethod
     def config_from_arch(cls, arch: dict, tokenizer):
@@ -118,20 +105,8 @@ class Qwen2_5_VL(VideoLLM):
         tie = text.pop("tie_word_embeddings", False)
         rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta", 1000000.0),
                 "mrope_section": list(text.pop("mrope_section", [16, 24, 24]))}
-        head_dim = text["hidden_size"] // text["num_attention_heads"]
-        if sum(rope["mrope_section"]) * 2 != head_dim:
-            raise ValueError(f"text_config.mrope_section={rope['mrope_section']}: expected sections summing "
-                             f"to head_dim/2 = {head_dim // 2}")
-        if vision.get("out_hidden_size") != text["hidden_size"]:
-            raise ValueError(f"vision_config.out_hidden_size={vision.get('out_hidden_size')}: expected "
-                             f"text_config.hidden_size={text['hidden_size']} (the merger feeds the LLM)")
-        ids = tokenizer.convert_tokens_to_ids
-        text.update(rope_parameters=rope, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-        return Qwen2_5_VLConfig(
-            vision_config=vision, text_config=text, tie_word_embeddings=tie,
-            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"), **arch)
+        check_arch(rope, text["hidden_size"] // text["num_attention_heads"], vision, text)
+        return qwen_config(Qwen2_5_VLConfig, arch, vision, text, tie, rope, tokenizer)
 
     # ---- video --------------------------------------------------------------------------------
     def load_video(self, path: str, frames: int) -> QwenVideo:
@@ -146,33 +121,9 @@ class Qwen2_5_VL(VideoLLM):
         """QwenVideo -> Encoded: VisualInput with (F', N, D) merged tokens on the (H/28, W/28) grid;
         extras["time_interval"], the temporal position step (tokens_per_second * second_per_grid).
         "patch_scores" as the module docstring says (its time in `timings["scoring"]`)."""
-        t, gh, gw = video.grid_thw
-        grid_thw = torch.tensor([video.grid_thw], device=self.device)
-        captured: dict = {}
-        hook = None
-        if "patch_scores" in needs:
-            def score(module, args, kwargs):
-                with self.stopwatch("scoring", timings if timings is not None else {}):
-                    scores, keys = self.received_attention(module, args[0], kwargs["cu_seqlens"],
-                                                           kwargs["position_embeddings"])
-                    order = self.row_major(grid_thw)
-                    captured["patch_scores"] = scores[order].view(t, gh * gw)
-                    captured["patch_keys"] = keys[order].view(t, gh * gw, -1)
-
-            hook = self.model.model.visual.blocks[-1].attn.register_forward_pre_hook(score, with_kwargs=True)
-        try:
-            out = self.model.model.get_video_features(
-                pixel_values_videos=video.pixels.to(self.device, self.model.dtype), video_grid_thw=grid_thw)
-        finally:
-            if hook is not None:
-                hook.remove()
-        merge = self.vision.spatial_merge_size
-        grid = (gh // merge, gw // merge)
-        features = out.pooler_output[0].reshape(t, grid[0] * grid[1], -1)
+        visual, _ = encode_video(self, video, needs, timings, self.row_major)
         interval = self.vision.tokens_per_second * torch.tensor(video.second_per_grid, dtype=torch.float32)
-        return Encoded(VisualInput(features=features, grid=grid, patch_grid=(gh, gw), mrope=True, **captured),
-                       {"time_interval": interval},
-                       timings if timings is not None else {})
+        return Encoded(visual, {"time_interval": interval}, timings if timings is not None else {})
 
     def row_major(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """(P,) index into the vision blocks' patch order (windows of merge units) of each patch in
@@ -274,3 +225,83 @@ class Qwen2_5_VL(VideoLLM):
         after = torch.arange(len(ids) - where - 1, device=self.device).expand(3, -1) + after_start
         positions = torch.cat([before, mine, after], dim=1)[:, None]
         return embeds, positions, (where, where + n)
+
+
+# ---- shared with Qwen3-VL (harness/models/qwen3_vl.py), whose processor and tower take the same calls ----
+def read_preprocessing(directory, vision, mean: list[float], std: list[float], patch_size: int,
+                       flags: tuple[str, ...], name: str) -> QwenPreprocessing:
+    """The checkpoint's normalisation and patch sizes from its preprocessor config in `directory`
+    (else `mean`, `std`, `patch_size` and the processors' other defaults); ModelLoadError where they
+    disagree with the vision tower's config `vision`, or where one of `flags` (do_* keys the harness
+    implements only as true) is not true. `name`: the model, for the message."""
+    path, cfg = preprocessor_config(directory)
+    pre = QwenPreprocessing(
+        mean=list(cfg.get("image_mean", mean)), std=list(cfg.get("image_std", std)),
+        rescale=float(cfg.get("rescale_factor", 1 / 255)), patch_size=int(cfg.get("patch_size", patch_size)),
+        temporal_patch_size=int(cfg.get("temporal_patch_size", 2)), merge_size=int(cfg.get("merge_size", 2)))
+    for key, model_key in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                           ("merge_size", "spatial_merge_size")):
+        if getattr(pre, key) != getattr(vision, model_key):
+            raise ModelLoadError(f"{path}: {key}={getattr(pre, key)} but the vision config has "
+                                 f"{model_key}={getattr(vision, model_key)}: expected them equal")
+    for key in flags:
+        if cfg.get(key, True) is not True:
+            raise ModelLoadError(f"{path}: {key}={cfg[key]!r}: the harness implements {name}'s "
+                                 f"video preprocessing with {key}=true")
+    return pre
+
+
+def check_arch(rope: dict, head_dim: int, vision: dict, text: dict) -> None:
+    """ValueError where an arch's mrope sections do not sum to head_dim/2 or its vision tower's
+    out_hidden_size is not the LLM's hidden size."""
+    if sum(rope["mrope_section"]) * 2 != head_dim:
+        raise ValueError(f"text_config.mrope_section={rope['mrope_section']}: expected sections summing "
+                         f"to head_dim/2 = {head_dim // 2}")
+    if vision.get("out_hidden_size") != text["hidden_size"]:
+        raise ValueError(f"vision_config.out_hidden_size={vision.get('out_hidden_size')}: expected "
+                         f"text_config.hidden_size={text['hidden_size']} (the merger feeds the LLM)")
+
+
+def qwen_config(config_class, arch: dict, vision: dict, text: dict, tie: bool, rope: dict, tokenizer):
+    """`config_class` (Qwen2_5_VLConfig, Qwen3VLConfig) from the parts `config_from_arch` split off
+    `arch`: `text` takes `rope` as its rope_parameters and the tokenizer's eos and pad ids; the special
+    token ids are the tokenizer's."""
+    ids = tokenizer.convert_tokens_to_ids
+    text.update(rope_parameters=rope, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    return config_class(
+        vision_config=vision, text_config=text, tie_word_embeddings=tie,
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"), **arch)
+
+
+def encode_video(adapter: VideoLLM, video, needs: frozenset, timings: dict | None, patch_order):
+    """Run `adapter`'s vision tower (`get_video_features`) on `video` (its pixels and (t, h, w) patch
+    grid_thw): (VisualInput with (t, N, D) merged tokens on the (h/merge, w/merge) grid, the tower's
+    output). With "patch_scores" in `needs`, a hook on the last vision block's attention adds
+    "patch_scores" (t, h*w) and "patch_keys" (t, h*w, d) (`Qwen2_5_VL.received_attention`) in the
+    row-major order `patch_order(grid_thw)` gives, timed as `timings["scoring"]`."""
+    t, gh, gw = video.grid_thw
+    grid_thw = torch.tensor([video.grid_thw], device=adapter.device)
+    captured: dict = {}
+    hook = None
+    if "patch_scores" in needs:
+        def score(module, args, kwargs):
+            with adapter.stopwatch("scoring", timings if timings is not None else {}):
+                scores, keys = Qwen2_5_VL.received_attention(module, args[0], kwargs["cu_seqlens"],
+                                                             kwargs["position_embeddings"])
+                order = patch_order(grid_thw)
+                captured["patch_scores"] = scores[order].view(t, gh * gw)
+                captured["patch_keys"] = keys[order].view(t, gh * gw, -1)
+
+        hook = adapter.model.model.visual.blocks[-1].attn.register_forward_pre_hook(score, with_kwargs=True)
+    try:
+        out = adapter.model.model.get_video_features(
+            pixel_values_videos=video.pixels.to(adapter.device, adapter.model.dtype), video_grid_thw=grid_thw)
+    finally:
+        if hook is not None:
+            hook.remove()
+    merge = adapter.vision.spatial_merge_size
+    grid = (gh // merge, gw // merge)
+    features = out.pooler_output[0].reshape(t, grid[0] * grid[1], -1)
+    return VisualInput(features=features, grid=grid, patch_grid=(gh, gw), mrope=True, **captured), out

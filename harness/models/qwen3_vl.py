@@ -70,11 +70,15 @@ import torch
 from harness.models.base import (
     Compressed,
     Encoded,
-    ModelLoadError,
     VideoLLM,
-    preprocessor_config,
 )
-from harness.models.qwen2_5_vl import SPECIAL_TOKENS, Qwen2_5_VL
+from harness.models.qwen2_5_vl import (
+    SPECIAL_TOKENS,
+    check_arch,
+    encode_video,
+    qwen_config,
+    read_preprocessing,
+)
 from harness.models.qwen2_5_vl_video import QwenPreprocessing
 from harness.models.qwen3_vl_deepstack import (
     DeepStackTokens,
@@ -91,7 +95,6 @@ from harness.models.qwen3_vl_video import (
     video_timestamps,
     video_tokens,
 )
-from methods.core.base import VisualInput
 from methods.core.decoder import LLM
 from methods.core.flops import LLMShape, attention_flops, mlp_flops
 
@@ -150,21 +153,8 @@ class Qwen3_VL(VideoLLM):
         Qwen3VLVideoProcessor defaults); they must agree with the vision tower's config. The pixel
         budget is lmms_eval's (min_pixels, max_pixels), not the processor's: lmms_eval resizes
         before it and passes do_resize=False."""
-        path, cfg = preprocessor_config(self.directory)
-        pre = QwenPreprocessing(
-            mean=list(cfg.get("image_mean", HALF)), std=list(cfg.get("image_std", HALF)),
-            rescale=float(cfg.get("rescale_factor", 1 / 255)), patch_size=int(cfg.get("patch_size", 16)),
-            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)), merge_size=int(cfg.get("merge_size", 2)))
-        for key, model_key in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
-                               ("merge_size", "spatial_merge_size")):
-            if getattr(pre, key) != getattr(self.vision, model_key):
-                raise ModelLoadError(f"{path}: {key}={getattr(pre, key)} but the vision config has "
-                                     f"{model_key}={getattr(self.vision, model_key)}: expected them equal")
-        for key in ("do_rescale", "do_normalize"):
-            if cfg.get(key, True) is not True:
-                raise ModelLoadError(f"{path}: {key}={cfg[key]!r}: the harness implements Qwen3-VL's "
-                                     f"video preprocessing with {key}=true")
-        return pre
+        return read_preprocessing(self.directory, self.vision, HALF, HALF, 16, ("do_rescale", "do_normalize"),
+                                  "Qwen3-VL")
 
     @classmethod
     def config_from_arch(cls, arch: dict, tokenizer):
@@ -179,23 +169,12 @@ class Qwen3_VL(VideoLLM):
         rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta", 5000000.0),
                 "mrope_section": list(text.pop("mrope_section", [24, 20, 20])), "mrope_interleaved": True}
         head_dim = text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
-        if sum(rope["mrope_section"]) * 2 != head_dim:
-            raise ValueError(f"text_config.mrope_section={rope['mrope_section']}: expected sections summing "
-                             f"to head_dim/2 = {head_dim // 2}")
-        if vision.get("out_hidden_size") != text["hidden_size"]:
-            raise ValueError(f"vision_config.out_hidden_size={vision.get('out_hidden_size')}: expected "
-                             f"text_config.hidden_size={text['hidden_size']} (the merger feeds the LLM)")
+        check_arch(rope, head_dim, vision, text)
         indexes = list(vision.get("deepstack_visual_indexes", []))
         if any(not 0 <= i < vision["depth"] for i in indexes) or len(indexes) > text["num_hidden_layers"]:
             raise ValueError(f"vision_config.deepstack_visual_indexes={indexes}: expected vision blocks in "
                              f"[0, {vision['depth'] - 1}], at most one per decoder layer")
-        ids = tokenizer.convert_tokens_to_ids
-        text.update(rope_parameters=rope, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-        return Qwen3VLConfig(
-            vision_config=vision, text_config=text, tie_word_embeddings=tie,
-            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"), **arch)
+        return qwen_config(Qwen3VLConfig, arch, vision, text, tie, rope, tokenizer)
 
     # ---- methods that cannot carry DeepStack ---------------------------------------------------
     @classmethod
@@ -281,36 +260,14 @@ class Qwen3_VL(VideoLLM):
         """Qwen3Video -> Encoded: VisualInput with (F', N, D) merged tokens on the (H/32, W/32) grid;
         extras["deepstack"] (L, F', N, D) the DeepStack features, extras["timestamps"] (F',) float64
         seconds. "patch_scores" as the module docstring says (its time in `timings["scoring"]`)."""
-        t, gh, gw = video.grid_thw
-        grid_thw = torch.tensor([video.grid_thw], device=self.device)
-        captured: dict = {}
-        hook = None
-        if "patch_scores" in needs:
-            order = self.row_major(video.grid_thw)
-
-            def score(module, args, kwargs):
-                with self.stopwatch("scoring", timings if timings is not None else {}):
-                    scores, keys = Qwen2_5_VL.received_attention(module, args[0], kwargs["cu_seqlens"],
-                                                                 kwargs["position_embeddings"])
-                    captured["patch_scores"] = scores[order].view(t, gh * gw)
-                    captured["patch_keys"] = keys[order].view(t, gh * gw, -1)
-
-            hook = self.model.model.visual.blocks[-1].attn.register_forward_pre_hook(score, with_kwargs=True)
-        try:
-            out = self.model.model.get_video_features(
-                pixel_values_videos=video.pixels.to(self.device, self.model.dtype), video_grid_thw=grid_thw)
-        finally:
-            if hook is not None:
-                hook.remove()
-        merge = self.vision.spatial_merge_size
-        grid = (gh // merge, gw // merge)
-        features = out.pooler_output[0].reshape(t, grid[0] * grid[1], -1)
+        order = self.row_major(video.grid_thw) if "patch_scores" in needs else None
+        visual, out = encode_video(self, video, needs, timings, lambda _: order)
+        t, features, grid = video.grid_thw[0], visual.features, visual.grid
         deepstack = (torch.stack([level[0] for level in out.deepstack_features]) if out.deepstack_features
                      else features.new_zeros(0, *features.reshape(-1, features.shape[-1]).shape))
         extras = {"deepstack": deepstack.reshape(-1, t, grid[0] * grid[1], features.shape[-1]),
                   "timestamps": torch.tensor(video.timestamps, dtype=torch.float64)}
-        return Encoded(VisualInput(features=features, grid=grid, patch_grid=(gh, gw), mrope=True, **captured),
-                       extras, timings if timings is not None else {})
+        return Encoded(visual, extras, timings if timings is not None else {})
 
     def row_major(self, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         """(P,) index into the processor's patch order ((t, row block, column block, row in block,
