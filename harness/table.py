@@ -38,13 +38,14 @@ def main(argv=None) -> int:
     summaries = summaries_or_none(args.paths)
     if summaries is None:
         return 2
+    out = args.out or Path(args.paths[0])
+    out.mkdir(parents=True, exist_ok=True)
     if args.published:
         from harness.report.published import beside_published, beside_table, load_published
 
         published = load_published()
         rows, unmatched = beside_published(summaries, published)
         markdown = beside_table(rows, unmatched, published)
-        out = args.out or Path(args.paths[0])
         (out / "published.md").write_text(markdown)
         rows.to_csv(out / "published.csv", index=False)
         print(markdown)
@@ -54,12 +55,11 @@ def main(argv=None) -> int:
 
         frame = hard_subset(summaries, args.baseline)
         markdown = hard_subset_table(frame, args.baseline)
-        out = args.out or Path(args.paths[0])
         (out / "hard_subset.md").write_text(markdown)
         frame.to_csv(out / "hard_subset.csv", index=False)
         print(markdown)
         return 0
-    print(write_tables(summaries, args.out or Path(args.paths[0]), ci=args.ci, throughput=args.throughput))
+    print(write_tables(summaries, out, ci=args.ci, throughput=args.throughput))
     return 0
 
 

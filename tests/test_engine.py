@@ -102,7 +102,10 @@ def build(name: str):
 
 
 def defined_for(compressor, adapter) -> bool:
-    return set(compressor.needs) <= adapter.provides
+    """The family computes what the method needs and runs every stage it acts in (ToMe's encoder)."""
+    from methods.core.base import ENCODER_NEEDS
+
+    return set(compressor.needs) & ENCODER_NEEDS <= adapter.provides and compressor.stages <= adapter.stages
 
 
 @pytest.mark.parametrize("name", SHARING)
@@ -160,3 +163,27 @@ def test_a_method_that_reads_the_question_shares_no_prefix_and_really_reads_it(t
         start, end = prompt.span
         kept.append(torch.tensor([i for i in out.kept.tolist() if start <= i < end]))
     assert kept[0].shape != kept[1].shape or not torch.equal(kept[0], kept[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [[], ["+method=uniform", "retention=0.25"], ["+method=dycoke"],
+                                    ["+method=fastv", "retention=0.6"], ["+method=sttm"],
+                                    ["+method=scissor", "retention=0.25"]])
+def test_the_engine_answers_every_question_as_the_naive_loop(tmp_path, cache_dir, method):
+    """On the default setting (every clip asked 4 questions): grouped, read ahead and, where the
+    method allows, prefilled once per video, the run gives the naive loop's every prediction."""
+    import json
+
+    from tests.helpers import make_cfg, run_config
+
+    predictions = {}
+    for engine in ("default", "naive"):
+        cfg = make_cfg("model=micro", "task=synthetic", "task.limit=24", "feature_cache=false", *method,
+                       f"engine={engine}", f"run_id={engine}", results_dir=tmp_path, cache_dir=cache_dir)
+        run_dir = run_config(cfg)
+        records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        assert len(records) == 24 and all(r["status"] == "ok" for r in records)
+        predictions[engine] = {r["doc_id"]: r["prediction"] for r in records}
+        shared = {r["engine"]["shared_prefix"] for r in records}
+        assert shared == ({False} if engine == "naive" else {methods.build(cfg.method.name).shares_prefix})
+    assert predictions["default"] == predictions["naive"]

@@ -447,11 +447,17 @@ def test_encoder_stage_members_compare_by_setting():
 
 @pytest.mark.slow
 def test_runs_in_the_harness(cfg_factory):
+    from harness.errors import ConfigError
     from tests.helpers import run_config
 
-    summary = json.loads((run_config(cfg_factory("+method=tome", "retention=0.25", "task.limit=2"))
-                          / "summary.json").read_text())
-    assert summary["method"] == "tome" and summary["knobs"]["retention"] == 0.25
+    # the tiny model's 2 SigLIP layers can halve twice: no retention target is within reach
+    with pytest.raises(ConfigError, match=r"retention=0.25: unreachable on this model; tome keeps 99.49% "
+                                          r"of the 196 tokens per frame there and at least 93.37%"):
+        run_config(cfg_factory("+method=tome", "retention=0.25", "task.limit=2"))
+    # the official knob instead: r = 340 merges per layer, capped at half of what is left
+    summary = json.loads((run_config(cfg_factory("+method=tome", "method.retention=null", "method.r=340",
+                                                 "task.limit=2")) / "summary.json").read_text())
+    assert summary["method"] == "tome" and summary["knobs"]["r"] == 340
     assert summary["stages"] == ["encoder"]
     # the tiny model's 2 SigLIP layers can halve twice: 195 of 196 tokens per frame reach the LLM
     assert summary["retention"]["rho_tok"]["mean"] == pytest.approx(195 / 196)

@@ -151,19 +151,25 @@ def _n_options(name: str, i: int) -> int:
     return n[i % len(n)] if isinstance(n, tuple) else n
 
 
-def write_benchmark(name: str, root: Path) -> dict:
+def write_benchmark(name: str, root: Path, clips: int | None = None, per_clip: int = 1) -> dict:
     """Write benchmark `name`'s fixture under root; returns {"rows", "overrides", "hf_home", ...}
-    ("docs": the (config, index in it) of each row: a group's subtask reads its config's rows)."""
+    ("docs": the (config, index in it) of each row: a group's subtask reads its config's rows).
+    By default its rows are ROWS clips, one question each, the last clip bad; `clips` and
+    `per_clip` write that many good clips asked `per_clip` questions each (NExT-QA asks about 8.5
+    per video; the engine's benchmark)."""
     fx = BENCHMARKS[name]
     hf_home, dataset_dir = root / "hf_home", root / "datasets" / name
+    count = fx.rows if clips is None else clips * per_clip
     rows, truths, videos = [], [], []
-    for i in range(fx.rows):
-        question, options, answer, (colour, direction) = _colour_question(i, _n_options(name, i))
-        row = fx.row(i, question, options, answer)
+    for i in range(count):
+        clip = i // per_clip
+        question, options, answer, (colour, direction) = _colour_question(clip, _n_options(name, clip))
+        row = fx.row(clip, question, options, answer)
         video = fx.video_path(hf_home, row)
         video.parent.mkdir(parents=True, exist_ok=True)
-        if i < fx.rows - 1:
-            encode_mp4(str(video), _clip(colour, direction, random.Random(i)), FPS)
+        if clips is not None or i < fx.rows - 1:
+            if i % per_clip == 0:
+                encode_mp4(str(video), _clip(colour, direction, random.Random(clip)), FPS)
         elif fx.bad_video == "corrupt":
             video.write_bytes(b"not a video" * 100)
         rows.append(row)
@@ -171,8 +177,8 @@ def write_benchmark(name: str, root: Path) -> dict:
         videos.append(video)
     readme = "---\nconfigs:\n"
     if fx.configs:  # MVBench's layout: json/<config>.json, one config per subtask
-        per = fx.rows // len(fx.configs)
-        docs = [(fx.configs[i // per], i % per) for i in range(fx.rows)]
+        per = count // len(fx.configs)
+        docs = [(fx.configs[i // per], i % per) for i in range(count)]
         (dataset_dir / "json").mkdir(parents=True, exist_ok=True)
         for k, config in enumerate(fx.configs):
             pd.DataFrame(rows[k * per:(k + 1) * per]).to_json(dataset_dir / "json" / f"{config}.json",
@@ -180,7 +186,7 @@ def write_benchmark(name: str, root: Path) -> dict:
             readme += f"- config_name: {config}\n  data_files:\n  - split: {fx.split}\n"
             readme += f"    path: json/{config}.json\n"
     else:  # the hub layout: <config>/<split>-*.parquet declared in README.md, or data/<split>-*.parquet
-        docs = [(None, i) for i in range(fx.rows)]
+        docs = [(None, i) for i in range(count)]
         folder = fx.config or "data"
         (dataset_dir / folder).mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_parquet(dataset_dir / folder / f"{fx.split}-00000-of-00001.parquet", index=False)
