@@ -107,10 +107,12 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def build(spec: str, retention: float | None, visual, full_video: int, text_tokens: int, shape: LLMShape):
-    """The compressor a spec names, at `retention`: its declared knob set directly, or searched as
+def build(spec: str, retention: float | None, visual, full_video: int, text_tokens: int, shape: LLMShape,
+          vision=None):
+    """The compressor a spec names, at `retention`: its declared knob set directly (an encoder-stage
+    one checked against its plan on `vision`, the model's VisionShape, as in a run), or searched as
     `retention=` does in a run, on the videos `visual(needs)` encodes (a list of VisualInput)."""
-    from harness.run.calibrate import CalibrationSet, search
+    from harness.run.calibrate import CalibrationSet, encoder_reachable, search
     from harness.run.method import choose_method
 
     name, knobs = parse_method(spec)
@@ -119,6 +121,8 @@ def build(spec: str, retention: float | None, visual, full_video: int, text_toke
     if retention is None or compressor.reference:
         return compressor, spec
     if choice.target_retention is None:  # its declared knob took the retention directly
+        if vision is not None and compressor.has("encoder") and not compressor.composite:
+            encoder_reachable(compressor, retention, vision)
         return compressor, f"{spec} r={retention:g}"
 
     videos = visual(compressor.needs) if compressor.has("visual") else None
@@ -360,7 +364,7 @@ def main(argv=None) -> int:
             try:
                 compressor, label = build(spec, retention, lambda needs: [adapter.encode(px, needs).visual for px in pixels],
                                           adapter.video_tokens(str(videos[0]), args.frames), text,
-                                          adapter.llm_shape)
+                                          adapter.llm_shape, getattr(adapter, "vision_shape", None))
             except ValueError as err:  # e.g. a retention below what the method can reach
                 print(f"skipped {spec} at retention {retention}: {err}", file=sys.stderr)
                 continue

@@ -80,7 +80,12 @@ def hard_subset(summaries: list[dict], baseline: str = "uniform", seed: int = 0)
                 ci = bootstrap_ci(values, seed=seed)
                 row["hard_ci_low"], row["hard_ci_high"] = ci if ci else (None, None)
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    # as the paper table reads: by model, benchmark and method, the highest retention first
+    return frame.sort_values(["model", "benchmark", "method", "retention"], ascending=[True, True, True, False],
+                             kind="stable").reset_index(drop=True)
 
 
 def hard_subset_table(frame: pd.DataFrame, baseline: str) -> str:
