@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.helpers
 
 import harness.run.config  # noqa: F401  (registers the schemas)
 from tests.helpers import run_config
@@ -31,7 +34,7 @@ from tests.helpers import run_config
 CONF = Path(__file__).resolve().parent.parent / "conf"
 METHODS = {"none": [], "uniform": ["+method=uniform", "retention=0.25"],
            "scissor": ["+method=scissor", "retention=0.25"], "dycoke": ["+method=dycoke"],
-           "fastv": ["+method=fastv", "retention=0.25"]}
+           "fastv": ["+method=fastv", "retention=0.6"]}
 MODELS = {"micro": [], "0.5b": ["model=llava_ov_0.5b", "model.random_init=true", "model.frames=4"]}
 
 

@@ -11,11 +11,14 @@ and their ratio, measured in one process, one arm after the other.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.helpers
 
 import harness.run.config  # noqa: F401
 from tests.helpers import run_config

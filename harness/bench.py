@@ -112,7 +112,7 @@ def build(spec: str, retention: float | None, visual, full_video: int, text_toke
     """The compressor a spec names, at `retention`: its declared knob set directly (an encoder-stage
     one checked against its plan on `vision`, the model's VisionShape, as in a run), or searched as
     `retention=` does in a run, on the videos `visual(needs)` encodes (a list of VisualInput)."""
-    from harness.run.calibrate import CalibrationSet, encoder_reachable, search
+    from harness.run.calibrate import CalibrationSet, encoder_reachable, reachable, search
     from harness.run.method import choose_method
 
     name, knobs = parse_method(spec)
@@ -120,13 +120,16 @@ def build(spec: str, retention: float | None, visual, full_video: int, text_toke
     compressor = choice.compressor
     if retention is None or compressor.reference:
         return compressor, spec
-    if choice.target_retention is None:  # its declared knob took the retention directly
-        if vision is not None and compressor.has("encoder") and not compressor.composite:
-            encoder_reachable(compressor, retention, vision)
-        return compressor, f"{spec} r={retention:g}"
-
     videos = visual(compressor.needs) if compressor.has("visual") else None
     count = len(videos) if videos is not None else 1
+    if choice.target_retention is None:  # its declared knob took the retention directly: reachable as in a run
+        spec_knob = compressor.retention_knob
+        if vision is not None and compressor.has("encoder") and not compressor.composite:
+            encoder_reachable(compressor, retention, vision)
+        elif videos is not None and spec_knob.measure == "rho_tok" and not compressor.composite:
+            reachable(compressor, retention, CalibrationSet([text_tokens] * count, [full_video] * count, videos))
+        return compressor, f"{spec} r={retention:g}"
+
     found = search(compressor, retention, CalibrationSet([text_tokens] * count, [full_video] * count, videos), shape)
     for knob, value in found["knobs"].items():
         compressor = compressor.with_knob(knob, value)
