@@ -26,7 +26,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -101,7 +101,7 @@ def vision_needs(needs) -> frozenset:
     return frozenset(n for n in needs if isinstance(n, EncoderStage) or n in ENCODER_NEEDS)
 
 
-class EncoderPolicy:
+class EncoderPolicy(Protocol):
     """What an encoder-stage method does inside the vision encoder, for one batch of frames (a fresh
     policy per video, from `Compressor.encoder_policy(VisionShape)`).
 
@@ -124,16 +124,16 @@ class EncoderPolicy:
     merging: bool = True
 
     def start(self, hidden: torch.Tensor) -> None:
-        raise NotImplementedError
+        ...
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        raise NotImplementedError
+        ...
 
     def act(self, layer: int, hidden: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def finish(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
 
 @dataclass
