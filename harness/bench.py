@@ -109,10 +109,10 @@ def _rss() -> int:
 
 def build(spec: str, retention: float | None, visual, full_video: int, text_tokens: int, shape: LLMShape,
           vision=None):
-    """The compressor a spec names, at `retention`: its declared knob set directly (an encoder-stage
-    one checked against its plan on `vision`, the model's VisionShape, as in a run), or searched as
-    `retention=` does in a run, on the videos `visual(needs)` encodes (a list of VisualInput)."""
-    from harness.run.calibrate import CalibrationSet, encoder_reachable, reachable, search
+    """The compressor a spec names, at `retention`: its declared knob set directly (checked as a run
+    checks it: an encoder stage against its plan on `vision`, the model's VisionShape), or searched
+    as `retention=` does in a run, on the videos `visual(needs)` encodes (a list of VisualInput)."""
+    from harness.run.calibrate import CalibrationSet, check_reachable, search
     from harness.run.method import choose_method
 
     name, knobs = parse_method(spec)
@@ -120,17 +120,17 @@ def build(spec: str, retention: float | None, visual, full_video: int, text_toke
     compressor = choice.compressor
     if retention is None or compressor.reference:
         return compressor, spec
-    videos = visual(compressor.needs) if compressor.has("visual") else None
-    count = len(videos) if videos is not None else 1
+
+    def calibration() -> CalibrationSet:
+        videos = visual(compressor.needs) if compressor.has("visual") else None
+        count = len(videos) if videos is not None else 1
+        return CalibrationSet([text_tokens] * count, [full_video] * count, videos)
+
     if choice.target_retention is None:  # its declared knob took the retention directly: reachable as in a run
-        spec_knob = compressor.retention_knob
-        if vision is not None and compressor.has("encoder") and not compressor.composite:
-            encoder_reachable(compressor, retention, vision)
-        elif videos is not None and spec_knob.measure == "rho_tok" and not compressor.composite:
-            reachable(compressor, retention, CalibrationSet([text_tokens] * count, [full_video] * count, videos))
+        check_reachable(compressor, retention, vision, calibration)
         return compressor, f"{spec} r={retention:g}"
 
-    found = search(compressor, retention, CalibrationSet([text_tokens] * count, [full_video] * count, videos), shape)
+    found = search(compressor, retention, calibration(), shape)
     for knob, value in found["knobs"].items():
         compressor = compressor.with_knob(knob, value)
     return compressor, f"{spec} r={retention:g}"

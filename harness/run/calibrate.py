@@ -280,19 +280,19 @@ def video_tokens_of(out) -> int:
     return (out.tokens if isinstance(out, VideoTokens) else out).shape[0]
 
 
-def check_reachable(compressor: Compressor, target: float, adapter, tasks: dict, *, frames: int, size: int,
-                    feature_cache=None) -> None:
-    """For a knob set directly from `retention=` on a visual stage: the same one-line "unreachable"
-    error as a calibrated knob's when the target lies below what the stage keeps at its knob's lowest
-    setting (a per-frame or per-video floor of at least one token), naming the reachable range."""
+def check_reachable(compressor: Compressor, target: float, vision, calibration) -> None:
+    """For a knob set directly from `retention=`: the same one-line "unreachable" error as a
+    calibrated knob's when the target lies outside what the method can keep, naming the reachable
+    range. An encoder stage is checked against its plan on `vision` (the model's VisionShape); a
+    visual stage on rho_tok against what it keeps at its knob's lowest setting on `calibration()`
+    (a CalibrationSet with features, built only then). Used by runs and by harness.bench."""
     spec = compressor.retention_knob
-    if spec is not None and spec.direct and compressor.has("encoder") and not compressor.composite:
-        return encoder_reachable(compressor, target, adapter.vision_shape)
-    if spec is None or not spec.direct or not compressor.has("visual") or spec.measure != "rho_tok" \
-            or compressor.composite:
+    if spec is None or not spec.direct or compressor.composite:
         return
-    reachable(compressor, target, calibration_set(adapter, tasks, size, frames, True, compressor.needs,
-                                                  feature_cache))
+    if compressor.has("encoder") and vision is not None:
+        encoder_reachable(compressor, target, vision)
+    elif compressor.has("visual") and spec.measure == "rho_tok":
+        reachable(compressor, target, calibration())
 
 
 def encoder_reachable(compressor: Compressor, target: float, vision) -> None:

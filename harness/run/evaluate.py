@@ -52,7 +52,7 @@ def _run(job: Job, run_dir: RunDir, rank: int, world_size: int) -> Path:
     from harness.data.feature_cache import FeatureCache
     from harness.models import adapter_class
     from harness.report.loggers import make_logger
-    from harness.run.calibrate import calibrate, calibration_size, check_reachable
+    from harness.run.calibrate import calibrate, calibration_set, calibration_size, check_reachable
     from harness.run.requests import VTCModel
 
     model, task, choice = job.model, job.task, job.method
@@ -103,8 +103,8 @@ def _run(job: Job, run_dir: RunDir, rank: int, world_size: int) -> Path:
         for knob, value in calibration["knobs"].items():
             compressor = compressor.with_knob(knob, value)
     elif choice.direct_retention is not None:
-        check_reachable(compressor, choice.direct_retention, adapter, tasks, frames=model.frames, size=size,
-                        feature_cache=features)
+        check_reachable(compressor, choice.direct_retention, getattr(adapter, "vision_shape", None),
+                        lambda: calibration_set(adapter, tasks, size, model.frames, True, compressor.needs, features))
     knobs = compressor.knobs()
 
     if earlier is not None and rank == 0 and run_dir.completed():
