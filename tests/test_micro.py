@@ -105,6 +105,18 @@ def test_visionzip_keeping_every_token_in_another_order_answers_as_none(none_run
 
 
 @pytest.mark.slow
+def test_similarity_thresholds_act_in_the_range_real_clips_give(tmp_path, cache_dir):
+    """The tokens differ as a real encoder's do (texture, camera motion): Scissor's tau for 25 %
+    retention calibrates between 0.5 and 0.98, around the official defaults (0.9-0.95), not at
+    0.9994 as on the micro model whose tokens carried colour and place only."""
+    proc = default_command("+method=scissor", "retention=0.25", "task.limit=48", results=tmp_path, cache=cache_dir)
+    run_dir = proc.stdout.strip().splitlines()[-1].rsplit("-> ", 1)[1]
+    calibration = json.loads(open(os.path.join(run_dir, "config.json")).read())["method"]["calibration"]
+    assert 0.5 <= calibration["knobs"]["tau"] <= 0.98, calibration
+    assert calibration["achieved_on_calibration"] == pytest.approx(0.25, abs=0.01)
+
+
+@pytest.mark.slow
 @pytest.mark.rebuild  # 8 minutes: not in the default run (python -m pytest -m rebuild)
 def test_a_rebuild_here_reaches_the_shipped_accuracy(tmp_path):
     """The recipe trains on this machine (minutes) to the shipped model's validation accuracy per

@@ -61,16 +61,23 @@ def test_scenes_have_the_statistics_of_real_video_not_flat_colours():
     """Texture and sensor noise: no two background pixels alike, neighbours correlated (a falling
     spatial spectrum), the background changing over time (pan, lighting), sensor noise in every
     frame."""
+    moved = []
     for seed in range(6):
         clip = synth.make_clip(random.Random(seed))
         background = of(clip, "background", clip.answers["background"])
         luma = clip.frames.astype(float).mean(-1)
-        assert luma[background].std() > 8  # textured, not flat
+        assert luma[background].std() > 5  # textured, not flat (the noise alone: about 2.3)
         horizontal = np.corrcoef(luma[:, :, :-1].ravel(), luma[:, :, 1:].ravel())[0, 1]
         assert horizontal > 0.5  # neighbouring pixels alike, as in natural images
         still = background[0] & background[-1]
         assert np.abs(luma[0][still] - luma[-1][still]).mean() > 2  # pan, lighting drift, noise
         assert np.abs(np.diff(luma[:2], axis=0))[0][still].mean() > 1  # noise even frame to frame
+        # the camera moves: in 7-px blocks (the sensor noise averaged out) the same place differs
+        # between two sampled frames (two apart); a pan of 8 px without shake gave 0.4-1.4 levels
+        blocks = luma.reshape(synth.FRAMES, 16, 7, 16, 7).mean((2, 4))
+        clean = background.reshape(synth.FRAMES, 16, 7, 16, 7).all(axis=(2, 4))
+        moved.append(np.abs(blocks[0] - blocks[2])[clean[0] & clean[2]].mean())
+    assert np.mean(moved) > 2
 
 
 def test_larger_training_sides_and_drawn_sides():
@@ -174,7 +181,8 @@ def test_the_trainer_is_deterministic_for_a_seed(monkeypatch):
     assert rates[4:9] == pytest.approx([rate(2e-3, 2, 3, s) for s in range(3)] + [rate(1e-3, 1, 2, s) for s in range(2)])
 
 
-RECIPE = {"seed": 0, "frames": 8, "vision": {"steps": 1, "batch": 1, "lr": 1e-3, "warmup": 1},
+RECIPE = {"seed": 0, "frames": 8, "vision": {"steps": 1, "batch": 1, "lr": 1e-3, "warmup": 1, "texture": 3.0,
+                                             "uniformity": 1.0},
           "language": {"lr": 1e-3, "warmup": 1, "stages": [{"frames": 2, "steps": 1, "batch": 1}]}}
 
 
@@ -187,6 +195,8 @@ def _set_stage(key, value):
     (_set_stage("sides", {"small": [1, 9]}), r"language.stages\[0\].sides.small"),
     (_set_stage("lr", 0), r"model.train.language.stages\[0\].lr=0: expected a number"),
     (lambda r: r["vision"].pop("lr"), "missing field 'lr'"),
+    (lambda r: r["vision"].__setitem__("texture", 0), r"model.train.vision.texture=0: expected a number"),
+    (lambda r: r["vision"].__setitem__("uniformity", -1), r"model.train.vision.uniformity=-1"),
 ])
 def test_recipe_errors_name_the_field(edit, message):
     from harness.train.micro import check_recipe
@@ -196,3 +206,33 @@ def test_recipe_errors_name_the_field(edit, message):
     edit(bad)
     with pytest.raises(ValueError, match=message):
         check_recipe(bad)
+
+
+def test_the_texture_target_is_what_the_flat_class_colours_leave():
+    """A frame painted in its classes' exact colours has no texture (every component 0 after
+    standardising); a luminance ramp added to it shows up, per sub-block, in the ramp's order."""
+    import torch
+
+    from harness.train.micro import TEXTURE_CELLS, texture_targets
+
+    rng = random.Random(0)
+    labels = np.stack([synth.make_clip(rng).labels[0] for _ in range(2)])
+    flat = synth.COLOURS[labels]
+    assert torch.equal(texture_targets(flat, labels, 8), torch.zeros(2, 64, 3 * TEXTURE_CELLS ** 2))
+    ramp = flat + np.linspace(0, 50, synth.SIZE, dtype=np.float32)[None, None, :, None]  # brighter to the right
+    target = texture_targets(ramp, labels, 8).view(2, 8, 8, 3, TEXTURE_CELLS, TEXTURE_CELLS)
+    left, right = target[..., 0], target[..., 1]  # the sub-blocks' columns within each token
+    assert (right > left).all()
+    assert (target[:, :, 1:, :, :, 0] > target[:, :, :-1, :, :, 1]).all()  # and across tokens
+
+
+def test_uniformity_is_zero_for_one_direction_and_minus_four_for_orthogonal_tokens():
+    """Wang & Isola's log E exp(-2 |u_i - u_j|^2): identical directions 0, orthogonal ones -4 (the
+    squared distance of two orthogonal unit vectors is 2); the scale of a token does not count."""
+    import torch
+
+    from harness.train.micro import uniformity
+
+    same = torch.tensor([[1.0, 2.0], [2.0, 4.0], [0.5, 1.0]])
+    assert uniformity(same).item() == pytest.approx(0.0, abs=1e-6)
+    assert uniformity(5 * torch.eye(4)[None]).item() == pytest.approx(-4.0, abs=1e-6)

@@ -17,8 +17,9 @@ model reads frames at 224 px in 14-px patches, pooled 2x2):
 
 The scenes have the statistics of real video rather than flat colours, so that no two tokens are
 the same and similarity thresholds act as they do on real clips: the background is the base colour
-under a procedural texture (fractal value noise and a gradient) that pans slowly across the clip,
-the lighting drifts, 2-4 distractor objects in colours no question asks about sit or drift in the
+under a procedural texture (fractal value noise and a gradient) that the camera pans across over
+the clip, with a hand-held shake of a few px per frame (frames a real benchmark samples are seconds
+apart, so the same place is rarely the same pixels twice), the lighting drifts, 2-4 distractor objects in colours no question asks about sit or drift in the
 frame, and every frame gets sensor noise; the clip then goes through H.264 like any video. The
 flash, the small square and the mover sit on the cell grid, apart from each other and from the
 distractors; each kind has its own palette, so a question names its object by colour family. Each
@@ -76,9 +77,11 @@ OPTIONS = {**{kind: list(colours) for kind, colours in PALETTES.items()}, "direc
 LETTERS = "ABCD"
 PROMPT_SUFFIX = "Answer with the option's letter."
 SPLIT_SEEDS = {"train": 1, "test": 2}  # disjoint streams: no test clip is a train clip
-VERSION = 3  # of the generator: a data directory written by another version is written anew
+VERSION = 4  # of the generator: a data directory written by another version is written anew
 SIDES = {"flash": 2, "small": 1, "mover": 1}  # object sides in cells (the test split's; training may start larger)
-PAN = 8  # px the background may pan over a clip
+PAN = 64  # px the camera may pan over a clip
+SHAKE = 4  # px: the camera's hand-held offset per frame, drawn in [-SHAKE, SHAKE] on each axis
+TEXTURE_FALLOFF = 0.8  # of the texture's octaves: fine detail at the scale of a cell stays visible
 NOISE = 4.0  # sensor noise, std in levels
 
 
@@ -137,8 +140,8 @@ def value_noise(rng: np.random.Generator, size: int, octaves: int = 6, falloff: 
 
 def _background(rng: np.random.Generator, base) -> np.ndarray:
     """(FRAMES, SIZE, SIZE, 3) float: the base colour under a panning texture and a gradient."""
-    world = SIZE + PAN
-    texture = 70.0 * value_noise(rng, world)[..., None] + 14.0 * np.stack(
+    world = SIZE + PAN + 2 * SHAKE
+    texture = 70.0 * value_noise(rng, world, falloff=TEXTURE_FALLOFF)[..., None] + 14.0 * np.stack(
         [value_noise(rng, world, 3) for _ in range(3)], -1)  # luminance, and a little chroma
     angle = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:world, 0:world].astype(np.float32) / world - 0.5
@@ -146,9 +149,10 @@ def _background(rng: np.random.Generator, base) -> np.ndarray:
     world_rgb = np.asarray(base, np.float32) + texture + gradient[..., None]
     vx, vy = rng.uniform(-1, 1, 2) * PAN / (FRAMES - 1) / np.sqrt(2)
     x0, y0 = rng.uniform(0, PAN - abs(vx) * (FRAMES - 1)), rng.uniform(0, PAN - abs(vy) * (FRAMES - 1))
-    x0 += max(0.0, -vx) * (FRAMES - 1)
-    y0 += max(0.0, -vy) * (FRAMES - 1)
-    return np.stack([world_rgb[int(round(y0 + vy * t)):][:SIZE, int(round(x0 + vx * t)):][:, :SIZE]
+    x0 += max(0.0, -vx) * (FRAMES - 1) + SHAKE
+    y0 += max(0.0, -vy) * (FRAMES - 1) + SHAKE
+    sx, sy = rng.uniform(-SHAKE, SHAKE, (2, FRAMES))
+    return np.stack([world_rgb[int(round(y0 + vy * t + sy[t])):][:SIZE, int(round(x0 + vx * t + sx[t])):][:, :SIZE]
                      for t in range(FRAMES)])
 
 

@@ -10,11 +10,23 @@ first, then the language model on instructions):
 
 1. vision: the encoder and projector learn, on single frames full of squares of the task's colours
    (a stand-in for LLaVA's pretrained encoder, minutes instead of months), to say per pooled token
-   what the frame shows there (the share of each colour under it, as soft targets) and where the
-   token sits (row, column), through linear probes that are thrown away afterwards. SigLIP's learnt
-   position embeddings start from 2-D sine-cosine values (as MAE initialises a ViT's), so the
-   position probes learn in tens of steps rather than thousands.
-2. language: the encoder is frozen (the decoder's queries and keys start at std 1/sqrt(width)); projector, image_newline and decoder learn to answer the four
+   what the frame shows there (the share of each colour under it, as soft targets), where the
+   token sits (row, column) and the texture under it (the frame minus its flat class colours, in
+   2x2 sub-blocks per channel), through probes that are thrown away afterwards. The texture probe
+   reads the unit token through unit-norm weights times a fixed `texture` scale, so the texture has
+   to be in the token's direction, which every cosine similarity sees, not in a small-norm corner
+   a linear probe could read; Wang & Isola's uniformity loss on the unit tokens (weight
+   `uniformity`; "Understanding Contrastive Representation Learning through Alignment and
+   Uniformity on the Hypersphere", ICML 2020) spreads them over the sphere as contrastive
+   pretraining spreads a real encoder's. Without the two, neighbouring background tokens and one
+   place in consecutive frames had cosines of 0.999+ and similarity thresholds acted in a regime
+   real checkpoints never produce. SigLIP's learnt position embeddings start from 2-D sine-cosine
+   values (as MAE initialises a ViT's), so the position probes learn in tens of steps rather than
+   thousands.
+2. language: the encoder and the projector are frozen, so the video tokens every compressor sees
+   are the vision stage's (trained on in this stage, the projector drifted back to tokens with
+   cosines near 1 and, on this task, the direction stayed at chance); image_newline and the
+   decoder (its queries and keys start at std 1/sqrt(width)) learn to answer the four
    question kinds, the loss on the answer letter and the <|im_end|> after it. Every clip is asked
    all four questions in one forward pass: the questions follow the shared prompt-and-video prefix
    side by side, each attending to the prefix and to itself only, at the positions it would have
@@ -62,7 +74,7 @@ from harness.files import atomic_directory, digest
 from harness.models.model_dir import write_model_dir
 
 MARKER = "MICRO_MODEL.json"
-VERSION = 5  # bump when the training code changes what a recipe produces
+VERSION = 7  # bump when the training code changes what a recipe produces
 VALIDATION_CLIPS = 64
 
 
@@ -174,6 +186,8 @@ def check_recipe(recipe: dict) -> None:
         for key in ("steps", "batch", "warmup"):
             need(f"vision.{key}", vision[key], int, 1)
         need("vision.lr", vision["lr"], (int, float), 1e-12)
+        need("vision.texture", vision["texture"], (int, float), 1e-12)
+        need("vision.uniformity", vision["uniformity"], (int, float), 0)
         need("language.warmup", language["warmup"], int, 1)
         need("language.lr", language["lr"], (int, float), 1e-12)
         for key, value in (language.get("augment") or {}).items():
@@ -211,6 +225,29 @@ def token_targets(labels: np.ndarray, grid: int) -> torch.Tensor:
     onehot = nnf.one_hot(torch.from_numpy(labels).long(), len(synth.CLASSES)).float()  # (F, H, W, C)
     shares = nnf.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2), grid)  # (F, C, grid, grid)
     return shares.flatten(2).transpose(1, 2)
+
+
+TEXTURE_CELLS = 2  # the texture target's sub-blocks per pooled token and side
+
+
+def texture_targets(frames: np.ndarray, labels: np.ndarray, grid: int) -> torch.Tensor:
+    """(F, grid*grid, 3*TEXTURE_CELLS**2) the texture under each pooled token: the frame minus the
+    flat colour of each pixel's class (what is left is the background's texture and gradient, the
+    lighting and the noise), averaged over TEXTURE_CELLS x TEXTURE_CELLS sub-blocks per channel,
+    standardised per channel over the batch."""
+    k = TEXTURE_CELLS
+    residual = torch.from_numpy(frames.astype(np.float32) - synth.COLOURS[labels]).permute(0, 3, 1, 2)
+    blocks = nnf.adaptive_avg_pool2d(residual, grid * k)  # (F, 3, grid*k, grid*k)
+    out = blocks.view(len(frames), 3, grid, k, grid, k).permute(0, 2, 4, 1, 3, 5).reshape(len(frames), grid * grid, 3, k * k)
+    out = (out - out.mean((0, 1, 3), keepdim=True)) / out.std((0, 1, 3), keepdim=True).clamp_min(1e-6)
+    return out.flatten(2)
+
+
+def uniformity(tokens: torch.Tensor) -> torch.Tensor:
+    """Wang & Isola's uniformity loss, log E exp(-2 |u_i - u_j|^2), over all pairs of the unit rows
+    of `tokens` (..., D)."""
+    units = nnf.normalize(tokens.flatten(0, -2), dim=-1)
+    return torch.pdist(units).pow(2).mul(-2).exp().mean().log()
 
 
 def evidence_tokens(labels: np.ndarray, grid: int) -> torch.Tensor:
@@ -341,7 +378,7 @@ def language_batch(model, prompts: Prompts, clips, frame_lists, kinds=synth.KIND
     tokens (the same M for the whole batch) before the newline is appended."""
     embed = model.model.language_model.embed_tokens
     size = model.config.vision_config.image_size
-    with torch.no_grad():  # the encoder is frozen in this stage
+    with torch.no_grad():  # the vision side is frozen in this stage
         hidden = [_encoder_states(model, _pixels(c.frames[f], size)) for c, f in zip(clips, frame_lists)]
     rows, targets = [], []
     video = None
@@ -457,13 +494,15 @@ def _step(loss, params, optimizer, schedule) -> float:
 
 
 def train_vision(model, recipe: dict, rng: random.Random, progress: bool) -> float:
-    """Stage 1: encoder + projector with per-token probes (colour shares, row, column)."""
+    """Stage 1: encoder + projector with per-token probes (colour shares, row, column, texture) and
+    the uniformity of the tokens."""
     spec = recipe["vision"]
     size = model.config.vision_config.image_size
     grid = math.ceil((size // model.config.vision_config.patch_size) / 2)
     width = model.config.text_config.hidden_size
     probes = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(synth.CLASSES)),
-                                  "row": torch.nn.Linear(width, grid), "col": torch.nn.Linear(width, grid)})
+                                  "row": torch.nn.Linear(width, grid), "col": torch.nn.Linear(width, grid),
+                                  "texture": torch.nn.Linear(width, 3 * TEXTURE_CELLS ** 2)})
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *probes.parameters()]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
@@ -477,9 +516,13 @@ def train_vision(model, recipe: dict, rng: random.Random, progress: bool) -> flo
             hidden = _encoder_states(model, _pixels(frames, size))
             tokens = model.model.apply_pooling(model.model.multi_modal_projector(hidden))  # (B, N, D)
             target = token_targets(labels, grid)
+            texture = spec["texture"] * nnf.linear(nnf.normalize(tokens, dim=-1), nnf.normalize(
+                probes["texture"].weight, dim=1), probes["texture"].bias)  # read from the direction only
             loss = (torch.sum(-target * probes["colour"](tokens).log_softmax(-1), -1).mean()
                     + nnf.cross_entropy(probes["row"](tokens).flatten(0, 1), rows.repeat(len(frames)))
-                    + nnf.cross_entropy(probes["col"](tokens).flatten(0, 1), cols.repeat(len(frames))))
+                    + nnf.cross_entropy(probes["col"](tokens).flatten(0, 1), cols.repeat(len(frames)))
+                    + nnf.mse_loss(texture, texture_targets(frames, labels, grid))
+                    + spec["uniformity"] * uniformity(tokens))
             value = _step(loss, params, optimizer, schedule)
             loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
             bar.set_postfix(loss=f"{loss_avg:.3f}")
@@ -489,9 +532,9 @@ def train_vision(model, recipe: dict, rng: random.Random, progress: bool) -> flo
 
 def train_language(model, prompts: Prompts, recipe: dict, clips, rng: random.Random, progress: bool,
                    validate) -> list[dict]:
-    """Stage 2: projector, newline and decoder on all four questions of every clip."""
+    """Stage 2: newline and decoder on all four questions of every clip (the vision side frozen)."""
     spec = recipe["language"]
-    for p in model.model.vision_tower.parameters():
+    for p in [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]:
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
