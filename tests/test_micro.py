@@ -59,10 +59,15 @@ def default_command(*args, results, cache):
     return proc
 
 
-def summary_of(proc) -> dict:
+def run_file(proc, name: str) -> dict:
+    """A JSON file of the run directory the command's summary line points to."""
     run_dir = proc.stdout.strip().splitlines()[-1].rsplit("-> ", 1)[1]
     path = run_dir if os.path.isabs(run_dir) else REPO / run_dir
-    return json.loads(open(os.path.join(path, "summary.json")).read())
+    return json.loads(open(os.path.join(path, name)).read())
+
+
+def summary_of(proc) -> dict:
+    return run_file(proc, "summary.json")
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +115,7 @@ def test_similarity_thresholds_act_in_the_range_real_clips_give(tmp_path, cache_
     retention calibrates between 0.5 and 0.98, around the official defaults (0.9-0.95), not at
     0.9994 as on the micro model whose tokens carried colour and place only."""
     proc = default_command("+method=scissor", "retention=0.25", "task.limit=48", results=tmp_path, cache=cache_dir)
-    run_dir = proc.stdout.strip().splitlines()[-1].rsplit("-> ", 1)[1]
-    calibration = json.loads(open(os.path.join(run_dir, "config.json")).read())["method"]["calibration"]
+    calibration = run_file(proc, "config.json")["method"]["calibration"]
     assert 0.5 <= calibration["knobs"]["tau"] <= 0.98, calibration
     assert calibration["achieved_on_calibration"] == pytest.approx(0.25, abs=0.01)
 

@@ -19,8 +19,9 @@ The scenes have the statistics of real video rather than flat colours, so that n
 the same and similarity thresholds act as they do on real clips: the background is the base colour
 under a procedural texture (fractal value noise and a gradient) that the camera pans across over
 the clip, with a hand-held shake of a few px per frame (frames a real benchmark samples are seconds
-apart, so the same place is rarely the same pixels twice), the lighting drifts, 2-4 distractor objects in colours no question asks about sit or drift in the
-frame, and every frame gets sensor noise; the clip then goes through H.264 like any video. The
+apart, so the same place is rarely the same pixels twice), the lighting drifts, 2-4 distractor
+objects in colours no question asks about sit or drift in the frame, and every frame gets sensor
+noise; the clip then goes through H.264 like any video. The
 flash, the small square and the mover sit on the cell grid, apart from each other and from the
 distractors; each kind has its own palette, so a question names its object by colour family. Each
 kind has a fixed question with fixed options; answers are uniform, so chance is 25 %.
@@ -139,7 +140,8 @@ def value_noise(rng: np.random.Generator, size: int, octaves: int = 6, falloff: 
 
 
 def _background(rng: np.random.Generator, base) -> np.ndarray:
-    """(FRAMES, SIZE, SIZE, 3) float: the base colour under a panning texture and a gradient."""
+    """(FRAMES, SIZE, SIZE, 3) float: the base colour under a texture and a gradient, seen by a
+    camera that pans at constant speed and shakes by up to SHAKE px per frame."""
     world = SIZE + PAN + 2 * SHAKE
     texture = 70.0 * value_noise(rng, world, falloff=TEXTURE_FALLOFF)[..., None] + 14.0 * np.stack(
         [value_noise(rng, world, 3) for _ in range(3)], -1)  # luminance, and a little chroma
@@ -152,8 +154,9 @@ def _background(rng: np.random.Generator, base) -> np.ndarray:
     x0 += max(0.0, -vx) * (FRAMES - 1) + SHAKE
     y0 += max(0.0, -vy) * (FRAMES - 1) + SHAKE
     sx, sy = rng.uniform(-SHAKE, SHAKE, (2, FRAMES))
-    return np.stack([world_rgb[int(round(y0 + vy * t + sy[t])):][:SIZE, int(round(x0 + vx * t + sx[t])):][:, :SIZE]
-                     for t in range(FRAMES)])
+    tops, lefts = (np.rint(start + speed * np.arange(FRAMES) + shake).astype(int)
+                   for start, speed, shake in ((y0, vy, sy), (x0, vx, sx)))
+    return np.stack([world_rgb[y:y + SIZE, x:x + SIZE] for y, x in zip(tops, lefts)])
 
 
 def _distractors(rng: random.Random, taken: set) -> list[dict]:

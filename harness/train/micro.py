@@ -238,7 +238,8 @@ def texture_targets(frames: np.ndarray, labels: np.ndarray, grid: int) -> torch.
     k = TEXTURE_CELLS
     residual = torch.from_numpy(frames.astype(np.float32) - synth.COLOURS[labels]).permute(0, 3, 1, 2)
     blocks = nnf.adaptive_avg_pool2d(residual, grid * k)  # (F, 3, grid*k, grid*k)
-    out = blocks.view(len(frames), 3, grid, k, grid, k).permute(0, 2, 4, 1, 3, 5).reshape(len(frames), grid * grid, 3, k * k)
+    out = blocks.view(len(frames), 3, grid, k, grid, k).permute(0, 2, 4, 1, 3, 5)
+    out = out.reshape(len(frames), grid * grid, 3, k * k)  # per token: channels, then sub-blocks
     out = (out - out.mean((0, 1, 3), keepdim=True)) / out.std((0, 1, 3), keepdim=True).clamp_min(1e-6)
     return out.flatten(2)
 
